@@ -1,0 +1,208 @@
+"""Layer lookup by dotted name and scoped forward hooks.
+
+Everything in negspace that touches a model's internals goes through this module:
+
+* :func:`get_layer` resolves ``"layer4.1.conv2"`` to a module and, on a typo, raises a
+  ``ValueError`` listing the closest valid names;
+* :func:`capture` records the outputs of several layers in one forward pass (kept in the
+  autograd graph so that gradients w.r.t. them can be taken with ``torch.autograd.grad``,
+  which is how every attribution method here gets activations *and* gradients in one pass);
+* :func:`intervene` replaces or edits layer outputs for the duration of a ``with`` block.
+
+All hooks are registered inside context managers and removed in ``finally`` blocks, so a
+model is never left hooked, also when the body raises.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Captured",
+    "StopForward",
+    "capture",
+    "get_layer",
+    "intervene",
+    "layer_names",
+    "normalize_layers",
+]
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """All dotted names of ``model``'s submodules (the root, ``""``, excluded)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """Return the submodule of ``model`` called ``name`` (dotted path, e.g. ``"layer4.1.conv2"``).
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        ValueError: no such submodule; the message lists the closest valid names.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"layer names must be dotted strings such as 'layer4.1', got {type(name).__name__}")
+    modules = dict(model.named_modules())
+    if name in modules and name != "":
+        return modules[name]
+    valid = layer_names(model)
+    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+    hint = f" Closest matches: {close}." if close else ""
+    shown = valid if len(valid) <= 40 else [*valid[:20], "...", *valid[-10:]]
+    raise ValueError(
+        f"layer {name!r} does not exist in {type(model).__name__}.{hint} Valid layer names "
+        f"({len(valid)}): {shown}"
+    )
+
+
+def normalize_layers(layers: str | Sequence[str]) -> tuple[list[str], bool]:
+    """Return ``(names, single)``: a list of layer names and whether a single name was given."""
+    if isinstance(layers, str):
+        return [layers], True
+    if isinstance(layers, Sequence) and layers and all(isinstance(n, str) for n in layers):
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers contains duplicates: {list(layers)}")
+        return list(layers), False
+    raise TypeError(f"layers must be a dotted name or a non-empty list of names, got {layers!r}")
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early once every needed layer has run."""
+
+
+@dataclass
+class Captured:
+    """Outputs recorded by :func:`capture` (``activations[name]``), and gradients (``gradients[name]``)
+    filled in when a backward pass runs through them and ``grads=True`` was requested."""
+
+    activations: dict[str, Tensor] = field(default_factory=dict)
+    gradients: dict[str, Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.activations[name]
+
+
+def _check_tensor_output(name: str, module: nn.Module, output: object) -> Tensor:
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"layer {name!r} ({type(module).__name__}) returns {type(output).__name__}, not a Tensor; "
+            "pick a submodule whose output is a single tensor (e.g. a conv, an activation, or a block)"
+        )
+    return output
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    layers: str | Sequence[str],
+    *,
+    grads: bool = False,
+    detach: bool = False,
+    stop_after: bool = False,
+) -> Iterator[Captured]:
+    """Record the outputs of ``layers`` during forward passes run inside the ``with`` block.
+
+    Args:
+        model: any module.
+        layers: dotted name or list of names.
+        grads: also record ``d(loss)/d(output)`` when a backward pass runs (via tensor hooks).
+        detach: store detached outputs (analysis only; no gradients can be taken through them).
+        stop_after: raise :class:`StopForward` as soon as all layers have produced an output; the
+            caller catches it (see :func:`run_until`). Saves the rest of the forward pass.
+
+    Yields:
+        :class:`Captured`; each forward overwrites the previous entry of a layer.
+    """
+    names, _ = normalize_layers(layers)
+    modules = {n: get_layer(model, n) for n in names}
+    result = Captured()
+    handles = []
+
+    def make_hook(name: str, module: nn.Module) -> Callable:
+        def hook(_mod: nn.Module, _inp: object, output: object) -> None:
+            out = _check_tensor_output(name, module, output)
+            result.activations[name] = out.detach() if detach else out
+            if grads and out.requires_grad:
+
+                def store(g: Tensor, _name: str = name) -> None:
+                    result.gradients[_name] = g
+
+                out.register_hook(store)
+            if stop_after and all(n in result.activations for n in names):
+                raise StopForward
+
+        return hook
+
+    try:
+        for n, m in modules.items():
+            handles.append(m.register_forward_hook(make_hook(n, m)))
+        yield result
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_until(model: Callable[[Tensor], Tensor], x: Tensor) -> Tensor | None:
+    """Run ``model(x)`` and swallow :class:`StopForward`; returns the output or ``None`` if stopped."""
+    try:
+        return model(x)
+    except StopForward:
+        return None
+
+
+EditFn = Callable[[Tensor], Tensor]
+
+
+@contextmanager
+def intervene(model: nn.Module, edits: Mapping[str, EditFn | Tensor]) -> Iterator[None]:
+    """Replace or edit layer outputs inside the ``with`` block.
+
+    Args:
+        edits: ``{layer: fn}`` where ``fn(output) -> new_output`` (same shape), or
+            ``{layer: tensor}`` to replace the output by a tensor broadcastable to it.
+
+    The hooks are removed on exit, also after an exception.
+    """
+    if not isinstance(edits, Mapping) or not edits:
+        raise TypeError(f"edits must be a non-empty mapping {{layer: fn or tensor}}, got {edits!r}")
+    modules = {n: get_layer(model, n) for n in edits}
+    handles = []
+
+    def make_hook(name: str, module: nn.Module, edit: EditFn | Tensor) -> Callable:
+        def hook(_mod: nn.Module, _inp: object, output: object) -> Tensor:
+            out = _check_tensor_output(name, module, output)
+            new = edit(out) if callable(edit) else torch.broadcast_to(edit.to(out), out.shape)
+            if not isinstance(new, Tensor) or new.shape != out.shape:
+                got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+                raise ValueError(
+                    f"edit of layer {name!r} must return a tensor of shape {tuple(out.shape)}, got {got}"
+                )
+            return new
+
+        return hook
+
+    try:
+        for n, m in modules.items():
+            edit = edits[n]
+            if not (callable(edit) or isinstance(edit, Tensor)):
+                raise TypeError(f"edit for layer {n!r} must be a callable or a Tensor, got {type(edit).__name__}")
+            handles.append(m.register_forward_hook(make_hook(n, m, edit)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hook_count(model: nn.Module) -> int:
+    """Number of forward/backward hooks currently registered anywhere in ``model`` (for tests)."""
+    total = 0
+    for m in model.modules():
+        total += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        total += len(getattr(m, "_backward_pre_hooks", {}))
+    return total
