@@ -206,3 +206,78 @@ def hook_count(model: nn.Module) -> int:
         total += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
         total += len(getattr(m, "_backward_pre_hooks", {}))
     return total
+
+
+class PersistentEdit:
+    """Base class of persistent, removable, checkpointable output edits (channel ablation, virtual-neuron
+    routing, ...).
+
+    Subclasses set ``self.layers`` (dotted names) and implement :meth:`edit`; state must be tensors and
+    primitives (``state_dict``) so that checkpoints load with ``weights_only=True``. Usage::
+
+        edit = SomeEdit(...).apply(model)   # hooks registered; visible in repr(edit)
+        ...
+        edit.remove()                        # model exactly as before
+
+    or ``with SomeEdit(...).applied(model): ...``.
+    """
+
+    layers: list[str]
+
+    def __init__(self) -> None:
+        self._handles: list = []
+        self._model_name: str | None = None
+
+    def edit(self, name: str, output: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Return the edited output of layer ``name`` (same shape)."""
+        raise NotImplementedError
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def apply(self, model: nn.Module) -> PersistentEdit:
+        """Register the edit on ``model``. Raises if it is already applied (remove it first)."""
+        if self.active:
+            raise RuntimeError(f"{self!r} is already applied to a {self._model_name}; call remove() first")
+        modules = {n: get_layer(model, n) for n in self.layers}  # validate all names before hooking any
+        try:
+            for n, m in modules.items():
+                self._handles.append(m.register_forward_hook(self._make_hook(n, m)))
+        except Exception:
+            self.remove()
+            raise
+        self._model_name = type(model).__name__
+        return self
+
+    def _make_hook(self, name: str, module: nn.Module) -> Callable:
+        def hook(_mod: nn.Module, _inp: object, output: object) -> Tensor:
+            out = _check_tensor_output(name, module, output)
+            new = self.edit(name, out)
+            if new.shape != out.shape:
+                raise RuntimeError(f"{type(self).__name__}.edit changed the shape of {name!r} output")
+            return new
+
+        return hook
+
+    def remove(self) -> None:
+        """Remove every hook this edit registered (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._model_name = None
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[PersistentEdit]:
+        """Apply for the duration of a ``with`` block, removed also on exceptions."""
+        self.apply(model)
+        try:
+            yield self
+        finally:
+            self.remove()
+
+    def state_dict(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
