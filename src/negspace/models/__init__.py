@@ -11,7 +11,14 @@ from typing import Any
 
 # public name -> submodule of this package that defines it
 _LAZY: dict[str, str] = {
-
+    "XSmallCNN": "xmodels",
+    "XResNet": "xmodels",
+    "xresnet18": "xmodels",
+    "xresnet50": "xmodels",
+    "GreenPixelNet": "toy",
+    "MotionDetector": "toy",
+    "create_model": "zoo",
+    "NEGSPACE_MODELS": "zoo",
 }
 
 __all__ = sorted(_LAZY)
