@@ -56,6 +56,12 @@ def _acts(cap_acts: dict[str, Tensor], names: Sequence[str], objective: object) 
     return acts
 
 
+def _graph_input(x: Tensor) -> Tensor:
+    """Detached input that requires grad, so hidden activations join the autograd graph also when every
+    parameter is frozen (``requires_grad=False``, e.g. hand-set or frozen backbones)."""
+    return x.detach().requires_grad_(True)
+
+
 def _normalize_grad(g: Tensor, multi: bool) -> Tensor:
     dims = tuple(range(2 if multi else 1, g.dim()))
     return g / g.pow(2).sum(dim=dims, keepdim=True).sqrt().clamp_min(1e-12)
@@ -106,7 +112,7 @@ def _act_grad(
     model: nn.Module, names: list[str], x: Tensor, objective: Callable, normalize: bool, create_graph: bool
 ) -> dict[str, Tensor]:
     with torch.enable_grad(), capture(model, names) as cap:
-        vals = forward_objective(model, x.detach(), objective)
+        vals = forward_objective(model, _graph_input(x), objective)
         acts = _acts(cap.activations, names, objective)
         grads = grads_per_target(vals, acts, create_graph=create_graph)
     multi = vals.dim() == 2
@@ -138,7 +144,7 @@ def _input_grad(
             t = fwad.unpack_dual(cap.activations[n]).tangent
             jvps[n] = torch.zeros_like(fwad.unpack_dual(cap.activations[n]).primal) if t is None else t.clone()
     with torch.enable_grad(), capture(model, names) as cap:
-        vals = forward_objective(model, x.detach(), objective)
+        vals = forward_objective(model, _graph_input(x), objective)
         acts = _acts(cap.activations, names, objective)
         grads = grads_per_target(vals, acts, create_graph=create_graph)
     multi = vals.dim() == 2
@@ -173,7 +179,7 @@ def _integrated(
             shape = (-1,) + (1,) * x.dim()
             path = (base.unsqueeze(0) + a.view(shape) * delta.unsqueeze(0)).flatten(0, 1)
             with capture(model, names) as cap:
-                vals = forward_objective(model, path, objective, groups=s)
+                vals = forward_objective(model, _graph_input(path), objective, groups=s)
                 acts = _acts(cap.activations, names, objective)
                 grads = grads_per_target(vals, acts, create_graph=create_graph)
             multi = vals.dim() == 2
