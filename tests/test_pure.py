@@ -1,0 +1,277 @@
+"""PURE (paper 004): references, circuits (fast path vs autograd), virtual neurons, router, DDP, callback."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from negspace.editing.pure import (
+    VirtualNeuronRouter,
+    VirtualNeurons,
+    circuits,
+    fit_virtual_neurons,
+    reference_samples,
+)
+from negspace.hooks import capture, hook_count
+
+N_A, N_B, N_NOISE = 30, 30, 20
+
+
+class TwoCircuitNet(nn.Module):
+    """Input ``(B, 2, 8, 8)``: channel 0 carries feature A, channel 1 feature B.
+
+    ``lower`` (1×1 conv + ReLU): channels 0, 1 read A, channels 2, 3 read B (disjoint circuits).
+    ``upper`` (3×3 conv): neuron 0 sums all four lower channels (polysemantic: A *or* B),
+    neuron 1 reads A only, neuron 2 B only. ``block`` = the same upper conv followed by ReLU and a 1×1
+    identity conv (a non-fast-path layer for the autograd path).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lower = nn.Conv2d(2, 4, 1)
+        self.act = nn.ReLU()
+        self.upper = nn.Conv2d(4, 3, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(4, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 1))
+        self.head = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.lower.weight.zero_()
+            self.lower.bias.zero_()
+            self.lower.weight[0, 0] = 1.0
+            self.lower.weight[1, 0] = 0.5
+            self.lower.weight[2, 1] = 0.5
+            self.lower.weight[3, 1] = 1.0
+            w = torch.zeros(3, 4, 3, 3)
+            w[0, :, 1, 1] = 1.0
+            w[0, :, 0, 1] = 0.2
+            w[1, :2, 1, 1] = 1.0
+            w[2, 2:, 1, 1] = 1.0
+            self.upper.weight.copy_(w)
+            self.upper.bias.fill_(0.1)
+            self.block[0].weight.copy_(w)
+            self.block[0].bias.fill_(0.1)
+            self.block[2].weight.copy_(torch.eye(3)[:, :, None, None])
+            self.block[2].bias.zero_()
+            self.head.weight.copy_(torch.tensor([[1.0, 0.5, -0.5], [0.0, -1.0, 1.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.lower(x))
+        u = self.upper(h) + self.block(h)
+        return self.head(u.amax(dim=(2, 3)))
+
+
+def make_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A samples (blob in channel 0), B samples (blob in channel 1), weak noise; shuffled. Returns (x, kind)."""
+    g = torch.Generator().manual_seed(seed)
+    n = N_A + N_B + N_NOISE
+    x = torch.rand(n, 2, 8, 8, generator=g) * 0.05
+    kind = torch.tensor([0] * N_A + [1] * N_B + [2] * N_NOISE)
+    for i in range(N_A + N_B):
+        r, c = torch.randint(1, 6, (2,), generator=g).tolist()
+        x[i, int(kind[i]), r : r + 2, c : c + 2] += 0.8 + 0.4 * torch.rand(2, 2, generator=g)
+    perm = torch.randperm(n, generator=g)
+    return x[perm], kind[perm]
+
+
+@pytest.fixture(scope="module")
+def toy() -> tuple[TwoCircuitNet, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    x, kind = make_data()
+    return TwoCircuitNet().eval(), x, kind
+
+
+def test_reference_samples_equal_naive_sort(toy):
+    model, x, _ = toy
+    refs = reference_samples(model, "upper", x, n_ref=7, batch_size=9)  # batches smaller than n_ref and ragged
+    with torch.no_grad(), capture(model, "upper", detach=True) as cap:
+        model(x)
+    full = cap["upper"].amax(dim=(2, 3)).T  # (C, N)
+    vals, idx = full.sort(dim=1, descending=True)
+    torch.testing.assert_close(refs.values, vals[:, :7])
+    assert torch.equal(refs.indices, idx[:, :7])
+    assert refs.neurons.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean", "sum", "center"])
+def test_fast_path_equals_autograd_conv(reduce):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 6, 3, stride=2, padding=2, dilation=2))
+    x = torch.randn(4, 3, 9, 9)
+    for neurons in (2, [0, 3, 5], torch.tensor([1, 4, 0, 5]), torch.tensor([[0, 1], [2, 3], [4, 5], [5, 5]])):
+        fast = circuits(model, "2", "1", x, neurons, reduce=reduce, fast=True)
+        slow = circuits(model, "2", "1", x, neurons, reduce=reduce, fast=False)
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+        raw = circuits(model, "2", "1", x, neurons, reduce=reduce, fast=True, normalize=False)
+        torch.testing.assert_close(raw.abs().sum(-1) > 0, fast.abs().sum(-1).round() == 1)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_fast_path_equals_autograd_linear(tokens):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 4))
+    x = torch.randn(3, 5, 6) if tokens else torch.randn(3, 6)
+    for reduce in ("max", "mean"):
+        fast = circuits(model, "2", "1", x, [0, 2, 3], reduce=reduce, fast=True, normalize=False)
+        slow = circuits(model, "2", "1", x, [0, 2, 3], reduce=reduce, fast=False, normalize=False)
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+    if not tokens:  # hand-derived: contribution of input i to unit k is a_i W[k, i]
+        with torch.no_grad():
+            a = model[1](model[0](x))
+        raw = circuits(model, "2", "1", x, 3, fast=True, normalize=False)
+        torch.testing.assert_close(raw, a * model[2].weight[3])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_clustering_separates_the_two_circuits(toy, fast):
+    model, x, kind = toy
+    layer = "upper" if fast else "block"
+    vn = fit_virtual_neurons(model, layer, "act", x, neurons=[0], n_ref=N_A + N_B, k=2, fast=fast, batch_size=16)
+    refs = vn.references.indices[0]
+    assert set(kind[refs].tolist()) == {0, 1}  # all A and B samples, no noise sample
+    labels = vn.labels[0]
+    lab_a, lab_b = labels[kind[refs] == 0], labels[kind[refs] == 1]
+    assert lab_a.unique().numel() == 1 and lab_b.unique().numel() == 1 and lab_a[0] != lab_b[0]
+    # the centroids are the two circuits: A on lower channels 0, 1 and B on 2, 3
+    cent_a = vn.centroids[0][lab_a[0]]
+    assert float(cent_a[:2].sum()) > 0.95 and float(vn.centroids[0][lab_b[0]][2:].sum()) > 0.95
+    # new samples are assigned to the nearest centroid (beyond the paper's code)
+    x_new, kind_new = make_data(seed=5)
+    keep = kind_new < 2
+    assigned = vn.assign(model, x_new[keep], 0)
+    expected = torch.where(kind_new[keep] == 0, lab_a[0], lab_b[0])
+    assert torch.equal(assigned, expected)
+
+
+def test_auto_k_by_silhouette(toy):
+    model, x, _ = toy
+    vn = fit_virtual_neurons(model, "upper", "act", x, neurons=[0, 1], n_ref=N_A + N_B, k="auto", k_range=(2, 4))
+    assert 2 <= vn.n_virtual(0) <= 4 and vn.centroids[1].shape[1] == 4
+
+
+@pytest.mark.parametrize("mode", ["sample", "position"])
+def test_router_ablates_one_meaning_and_keeps_the_other(toy, mode):
+    model, x, kind = toy
+    vn = fit_virtual_neurons(model, "upper", "act", x, neurons=[0], n_ref=N_A + N_B, k=2)
+    refs = vn.references.indices[0]
+    j_a = int(vn.labels[0][kind[refs] == 0][0])
+    with torch.no_grad(), capture(model, "upper", detach=True) as cap:
+        model(x)
+    before = cap["upper"].clone()
+    router = VirtualNeuronRouter(vn, {0: {j_a: 0.0}}, mode=mode).apply(model)
+    try:
+        assert "active" in repr(router) and f"v{j_a}×0" in repr(router)
+        with torch.no_grad(), capture(model, "upper", detach=True) as cap:
+            model(x)
+        after = cap["upper"]
+    finally:
+        router.remove()
+    assert hook_count(model) == 0
+    is_a, is_b = kind == 0, kind == 1
+    peak_before, peak_after = before[:, 0].amax(dim=(1, 2)), after[:, 0].amax(dim=(1, 2))
+    # A's response is gone (only noise-level activity remains), B's peak is untouched
+    assert bool((peak_after[is_a] < 0.15 * peak_before[is_a]).all())
+    torch.testing.assert_close(peak_after[is_b], peak_before[is_b])
+    torch.testing.assert_close(after[:, 1:], before[:, 1:])  # other channels untouched
+    if mode == "sample":
+        torch.testing.assert_close(after[is_b], before[is_b])
+        assert bool((after[is_a, 0] == 0).all())
+
+
+def test_router_scale_and_state_round_trip(toy, tmp_path):
+    model, x, kind = toy
+    vn = fit_virtual_neurons(model, "upper", "act", x, neurons=[0, 2], n_ref=N_A + N_B, k=2)
+    router = VirtualNeuronRouter(vn, {0: {1: 0.5}, 2: {0: 2.0}})
+    with router.applied(model), torch.no_grad():
+        y1 = model(x)
+    assert hook_count(model) == 0
+    path = tmp_path / "router.pt"
+    torch.save(router.state_dict(), path)
+    loaded = VirtualNeuronRouter.from_state_dict(torch.load(path, weights_only=True))
+    with loaded.applied(model), torch.no_grad():
+        y2 = model(x)
+    torch.testing.assert_close(y1, y2)
+    assert hook_count(model) == 0
+    with torch.no_grad():
+        assert not torch.allclose(model(x), y1)
+    # VirtualNeurons artefact: safetensors round trip
+    vn.save(tmp_path / "vn.safetensors")
+    vn2 = VirtualNeurons.load(tmp_path / "vn.safetensors")
+    assert vn2.neurons == vn.neurons and repr(vn2) == repr(vn)
+    for n in vn.neurons:
+        torch.testing.assert_close(vn2.centroids[n], vn.centroids[n])
+    assert torch.equal(vn2.assign(model, x), vn.assign(model, x))
+
+
+def test_errors(toy):
+    model, x, _ = toy
+    with pytest.raises(ValueError, match="larger than n_ref"):
+        fit_virtual_neurons(model, "upper", "act", x, neurons=[0], n_ref=3, k=4)
+    with pytest.raises(ValueError, match="larger than n_ref"):
+        VirtualNeurons("upper", "act", k=5).fit(torch.rand(1, 3, 4), [0])
+    with pytest.raises(ValueError, match="do not exist"):
+        reference_samples(model, "upper", x, n_ref=5, neurons=[0, 7])
+    with pytest.raises(ValueError, match="do not exist"):
+        circuits(model, "upper", "act", x, 9)
+    with pytest.raises(ValueError, match="does not exist"):
+        reference_samples(model, "upperr", x, n_ref=5)
+    with pytest.raises(ValueError, match="does not exist"):
+        circuits(model, "upper", "nope", x, 0)
+    with pytest.raises(ValueError, match="n_ref=500 is larger"):
+        reference_samples(model, "upper", x, n_ref=500)
+    with pytest.raises(ValueError, match="fast=True"):
+        circuits(model, "block", "act", x, 0, fast=True)
+    with pytest.raises(ValueError, match="reduce"):
+        circuits(model, "upper", "act", x, 0, reduce="median")
+    vn = fit_virtual_neurons(model, "block", "act", x, neurons=[0], n_ref=10, k=2)
+    with pytest.raises(ValueError, match="nn.Conv2d"):
+        VirtualNeuronRouter(vn, {0: {0: 0.0}}).apply(model)
+    assert hook_count(model) == 0
+    vn = fit_virtual_neurons(model, "upper", "act", x, neurons=[0], n_ref=10, k=2)
+    with pytest.raises(ValueError, match="virtual neurons 0..1"):
+        VirtualNeuronRouter(vn, {0: {3: 0.0}})
+    with pytest.raises(ValueError, match="not fitted"):
+        VirtualNeuronRouter(vn, {1: {0: 0.0}})
+
+
+# ------------------------------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = TwoCircuitNet().eval()
+        x, _ = make_data()
+        shard = x[rank::world]  # a DistributedSampler-like split: each rank sees different samples
+        vn = fit_virtual_neurons(model, "upper", "act", shard, neurons=[0, 2], n_ref=N_A + N_B, k=2, batch_size=16)
+        torch.save(
+            {"centroids": {str(k): v for k, v in vn.centroids.items()}, "values": vn.references.values},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_ddp_every_rank_holds_the_same_centroids(toy, tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in ("0", "2"):
+        assert torch.equal(r0["centroids"][k], r1["centroids"][k])
+    # the merged references are the global top-n_ref (same as on the full data in one process)
+    model, x, _ = toy
+    single = reference_samples(model, "upper", x, n_ref=N_A + N_B, neurons=[0, 2])
+    torch.testing.assert_close(r0["values"], single.values)
