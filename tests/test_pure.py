@@ -5,11 +5,25 @@ from __future__ import annotations
 import os
 import socket
 
+import lightning as L
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
+from negspace.editing.embeddings import (
+    activation_vectors,
+    attribution_heatmaps,
+    cluster_distances,
+    compare_clusterings,
+    crop_boxes,
+    crop_references,
+    distance_correlation,
+    embed,
+    gaussian_smooth,
+    polysemanticity,
+)
 from negspace.editing.pure import (
     VirtualNeuronRouter,
     VirtualNeurons,
@@ -183,7 +197,7 @@ def test_router_ablates_one_meaning_and_keeps_the_other(toy, mode):
 
 
 def test_router_scale_and_state_round_trip(toy, tmp_path):
-    model, x, kind = toy
+    model, x, _ = toy
     vn = fit_virtual_neurons(model, "upper", "act", x, neurons=[0, 2], n_ref=N_A + N_B, k=2)
     router = VirtualNeuronRouter(vn, {0: {1: 0.5}, 2: {0: 2.0}})
     with router.applied(model), torch.no_grad():
@@ -228,14 +242,160 @@ def test_errors(toy):
     with pytest.raises(ValueError, match="reduce"):
         circuits(model, "upper", "act", x, 0, reduce="median")
     vn = fit_virtual_neurons(model, "block", "act", x, neurons=[0], n_ref=10, k=2)
-    with pytest.raises(ValueError, match="nn.Conv2d"):
+    with pytest.raises(ValueError, match=r"nn\.Conv2d"):
         VirtualNeuronRouter(vn, {0: {0: 0.0}}).apply(model)
     assert hook_count(model) == 0
     vn = fit_virtual_neurons(model, "upper", "act", x, neurons=[0], n_ref=10, k=2)
-    with pytest.raises(ValueError, match="virtual neurons 0..1"):
+    with pytest.raises(ValueError, match=r"virtual neurons 0\.\.1"):
         VirtualNeuronRouter(vn, {0: {3: 0.0}})
     with pytest.raises(ValueError, match="not fitted"):
         VirtualNeuronRouter(vn, {1: {0: 0.0}})
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def test_cluster_distances_and_scores_hand_computed():
+    e = torch.tensor([[0.0], [1.0], [10.0], [11.0]])
+    inter, intra = cluster_distances(e, torch.tensor([0, 0, 1, 1]))
+    assert inter == pytest.approx(10.0) and intra == pytest.approx(1.0)  # (10+11+9+10)/4 and 1
+    assert polysemanticity(e) == pytest.approx(9.0)  # k-means on the embeddings finds the same 2 clusters
+    a = torch.randn(12, 5, generator=torch.Generator().manual_seed(3))
+    assert distance_correlation(a, 3 * a) == pytest.approx(1.0)
+    b = torch.randn(12, 2, generator=torch.Generator().manual_seed(4))
+    da, db = torch.pdist(a.double()), torch.pdist(b.double())
+    expected = torch.corrcoef(torch.stack([da, db]))[0, 1]
+    assert distance_correlation(a, b) == pytest.approx(float(expected), abs=1e-9)
+
+
+def test_crop_boxes_are_squared_and_clamped():
+    h = torch.zeros(3, 32, 32)
+    h[0, 5, 10] = 1.0  # single pixel
+    h[1, 10:13, 4:11] = 1.0  # 3 x 7 rectangle -> 7 x 7 square centred on it
+    h[2, 0:2, 28:32] = 1.0  # 2 x 4 at the corner -> square pushed inside the image
+    boxes = crop_boxes(h, kernel_size=1, threshold=0.5)
+    assert boxes.tolist() == [[5, 10, 1], [8, 4, 7], [0, 28, 4]]
+    assert crop_boxes(torch.zeros(1, 8, 6), kernel_size=3).tolist() == [[1, 0, 6]]  # no signal: centred square
+    smooth = gaussian_smooth(h[:1], 5)
+    assert smooth.shape == (1, 32, 32) and float(smooth.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_crop_references_follow_the_feature(toy):
+    model, x, kind = toy
+    i = int((kind == 0).nonzero()[0])
+    crops = crop_references(model, "upper", x[i : i + 1], 1, kernel_size=1, threshold=0.05, size=16)
+    assert crops.shape == (1, 2, 16, 16)
+    heat = attribution_heatmaps(model, "upper", x[i : i + 1], 1)[0]
+    t, left, side = crop_boxes(heat[None], kernel_size=1, threshold=0.05)[0].tolist()
+    blob = (x[i, 0] > 0.5).nonzero()
+    # the max of a 1x1-tap neuron is explained by one pixel of the A blob: the crop sits on the blob
+    inside = (blob[:, 0] >= t) & (blob[:, 0] < t + side) & (blob[:, 1] >= left) & (blob[:, 1] < left + side)
+    assert side < 8 and bool(inside.any())
+
+
+class StubEncoder(nn.Module):
+    """Anything with ``encode_image`` works: 4x4 average-pooled pixels as an embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        e = F.adaptive_avg_pool2d(x, 4).flatten(1) * self.scale
+        return F.normalize(e, dim=-1) if normalize else e
+
+
+def test_embeddings_with_tiny_clip_and_stub(toy):
+    torch.manual_seed(0)
+    from negspace.explain.clip import load_clip
+
+    clip = load_clip("tiny")[0]
+    emb = embed(torch.rand(4, 3, 20, 20), clip)  # resized to 32 and CLIP-normalised
+    assert emb.shape == (4, 32)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(4))
+    model, x, _ = toy
+    vn = fit_virtual_neurons(model, "upper", "act", x, neurons=[0], n_ref=N_A + N_B, k=2)
+    idx = vn.references.indices[0]
+    xs = x[idx]
+    crops = crop_references(model, "upper", xs, 0)
+    e = embed(crops, StubEncoder())
+    res = compare_clusterings(
+        e, circuits(model, "upper", "act", xs, 0), activation_vectors(model, "upper", xs), pure_labels=vn.labels[0]
+    )
+    assert set(res) == {"pure", "activation", "embedding", "corr_pure", "corr_activation"}
+    # PURE clusters = A vs B; the stub embedding (which channel is bright) separates them the same way
+    assert res["pure"]["score"] == pytest.approx(res["embedding"]["score"])
+    assert res["pure"]["score"] > 0 and -1 <= res["corr_pure"] <= 1
+
+
+# ------------------------------------------------------------------------------------------- callback
+class ToyModule(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TwoCircuitNet()
+        self.val_peaks: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, _idx):
+        return F.cross_entropy(self(batch["image"]), batch["label"])
+
+    def validation_step(self, batch, _idx):
+        with capture(self.net, "upper", detach=True) as cap:
+            self(batch["image"])
+        self.val_peaks.append(cap["upper"][:, 0].amax(dim=(1, 2)))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class DictData(torch.utils.data.Dataset):
+    def __init__(self, x: torch.Tensor, kind: torch.Tensor) -> None:
+        self.x, self.kind = x, kind
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": int(self.kind[i] % 2)}
+
+
+def test_callback_fits_logs_saves_figures_and_edits(toy, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from negspace.callbacks import VirtualNeurons as VirtualNeuronsCallback
+
+    _, x, kind = toy
+    torch.manual_seed(0)
+    module = ToyModule()
+    val = DataLoader(DictData(x, kind), batch_size=16)
+    probe = fit_virtual_neurons(module.net, "upper", "act", x, neurons=[0], n_ref=N_A + N_B, k=2)
+    j_a = int(probe.labels[0][kind[probe.references.indices[0]] == 0][0])
+    cb = VirtualNeuronsCallback(
+        "net.upper", "net.act", [0], k=2, n_ref=N_A + N_B, edit={"neuron": 0, "virtual": j_a, "scale": 0.0},
+        encoder=StubEncoder(), n_show=4,
+    )
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=1, accelerator="cpu", devices=1, callbacks=[cb], default_root_dir=tmp_path,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(DictData(x, kind), batch_size=16), val_dataloaders=val)
+    assert isinstance(cb.result, VirtualNeurons) and cb.result.neurons == [0]
+    assert cb.scores["pure/neuron_0/circuit_separation"] > 0 and "pure/neuron_0/clip_pure" in cb.scores
+    assert len(cb.figure_paths) == 1 and os.path.getsize(cb.figure_paths[0]) > 1000
+    assert hook_count(module) == 0
+    module.val_peaks.clear()
+    trainer.validate(module, dataloaders=val, verbose=False)  # the router is active during validation only
+    assert hook_count(module) == 0
+    peaks = torch.cat(module.val_peaks)
+    assert bool((peaks[kind == 0] == 0).all()) and bool((peaks[kind == 1] > 0.5).all())
+    state = cb.state_dict()
+    path = tmp_path / "cb.pt"
+    torch.save(state, path)
+    cb2 = VirtualNeuronsCallback("net.upper", "net.act", [0], k=2, n_ref=N_A + N_B)
+    cb2.load_state_dict(torch.load(path, weights_only=True))
+    assert cb2.router is not None and repr(cb2.router) == repr(cb.router)
+    torch.testing.assert_close(cb2.result.centroids[0], cb.result.centroids[0])
 
 
 # ------------------------------------------------------------------------------------------------- DDP

@@ -55,6 +55,7 @@ __all__ = [
     "VirtualNeurons",
     "circuits",
     "fit_virtual_neurons",
+    "inter_intra",
     "reference_circuits",
     "reference_samples",
 ]
@@ -499,6 +500,18 @@ def reference_circuits(
 
 
 # ------------------------------------------------------------------------------------- virtual neurons
+def inter_intra(x: Tensor, labels: Tensor) -> tuple[float, float]:
+    """Mean Euclidean distance between points of different clusters and between distinct points of the
+    same cluster (paper 004, eq. 5): ``x (N, D)``, ``labels (N,)`` → ``(inter, intra)`` (NaN if undefined)."""
+    d = torch.cdist(x.detach().double().flatten(1), x.detach().double().flatten(1))
+    lab = torch.as_tensor(labels).flatten().to(d.device)
+    same = lab[:, None] == lab[None, :]
+    intra = same & ~torch.eye(len(lab), dtype=torch.bool, device=d.device)
+    inter = ~same
+    nan = float("nan")
+    return (float(d[inter].mean()) if inter.any() else nan, float(d[intra].mean()) if intra.any() else nan)
+
+
 def _kmeans(c: Tensor, k: int | str, k_range: tuple[int, int], seed: int, n_init: int) -> tuple[Tensor, Tensor]:
     """scikit-learn k-means on circuits ``(n, C)``; ``k="auto"`` picks the best silhouette in ``k_range``."""
     from sklearn.cluster import KMeans
@@ -563,6 +576,7 @@ class VirtualNeurons:
         self.neurons: list[int] = []
         self.centroids: dict[int, Tensor] = {}
         self.labels: dict[int, Tensor] = {}
+        self.separation: dict[int, Tensor] = {}  # neuron -> (inter, intra) circuit distances of the references
         self.references: References | None = None
         self.reference_ranks: Tensor | None = None  # (K, n_ref) rank holding each reference (DDP)
 
@@ -578,7 +592,7 @@ class VirtualNeurons:
                 raise ValueError(f"circuits must be (K, n_ref, C) with neurons of length K, got {shape}, {neurons!r}")
             items = list(zip(lst.tolist(), circuits))
         need = self.k_range[0] if self.k == "auto" else int(self.k)
-        self.neurons, self.centroids, self.labels = [], {}, {}
+        self.neurons, self.centroids, self.labels, self.separation = [], {}, {}, {}
         for k, c in items:
             if c.dim() != 2:
                 raise ValueError(f"circuits of neuron {k} must be (n_ref, C), got {tuple(c.shape)}")
@@ -587,6 +601,7 @@ class VirtualNeurons:
             cent, lab = _kmeans(c.detach().float().cpu(), self.k, self.k_range, self.seed, self.n_init)
             self.neurons.append(k)
             self.centroids[k], self.labels[k] = cent, lab
+            self.separation[k] = torch.tensor(inter_intra(c.detach().float().cpu(), lab))
         return self
 
     def _check_fitted(self) -> None:
@@ -645,6 +660,7 @@ class VirtualNeurons:
             "neurons": torch.tensor(self.neurons, dtype=torch.long),
             "centroids": {str(k): v.clone() for k, v in self.centroids.items()},
             "labels": {str(k): v.clone() for k, v in self.labels.items()},
+            "separation": {str(k): v.clone() for k, v in self.separation.items()},
         }
         if self.references is not None:
             state["ref_indices"] = self.references.indices.clone()
@@ -662,6 +678,7 @@ class VirtualNeurons:
         self.neurons = [int(n) for n in torch.as_tensor(state["neurons"]).tolist()]
         self.centroids = {int(k): torch.as_tensor(v).float() for k, v in state["centroids"].items()}
         self.labels = {int(k): torch.as_tensor(v).long() for k, v in state.get("labels", {}).items()}
+        self.separation = {int(k): torch.as_tensor(v).float() for k, v in state.get("separation", {}).items()}
         self.references = None
         if "ref_indices" in state:
             self.references = References(
@@ -680,7 +697,7 @@ class VirtualNeurons:
 
         state = self.state_dict()
         tensors = {"neurons": state["neurons"]}
-        for key in ("centroids", "labels"):
+        for key in ("centroids", "labels", "separation"):
             tensors.update({f"{key}.{k}": v.contiguous() for k, v in state[key].items()})
         for key in ("ref_indices", "ref_values"):
             if key in state:
@@ -700,7 +717,7 @@ class VirtualNeurons:
             raise ValueError(f"{path} is not a VirtualNeurons file (no negspace metadata)")
         state: dict[str, Any] = dict(meta)
         state["neurons"] = tensors["neurons"]
-        for key in ("centroids", "labels"):
+        for key in ("centroids", "labels", "separation"):
             state[key] = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(key + ".")}
         for key in ("ref_indices", "ref_values"):
             if key in tensors:
@@ -828,10 +845,12 @@ def fit_virtual_neurons(
     counts = _broadcast(counts)
     cents = torch.cat([vn.centroids[n] for n in vn.neurons]) if rank == 0 else torch.zeros(int(counts.sum()), circ.shape[-1])
     labels = torch.stack([vn.labels[n] for n in vn.neurons]) if rank == 0 else torch.zeros(circ.shape[:2], dtype=torch.long)
-    cents, labels = _broadcast(cents), _broadcast(labels)
+    sep = torch.stack([vn.separation[n] for n in vn.neurons]).double() if rank == 0 else torch.zeros(len(counts), 2).double()
+    cents, labels, sep = _broadcast(cents), _broadcast(labels), _broadcast(sep)
     vn.neurons = refs.neurons.tolist()
     vn.centroids = dict(zip(vn.neurons, cents.split(counts.tolist())))
     vn.labels = dict(zip(vn.neurons, labels))
+    vn.separation = dict(zip(vn.neurons, sep.float()))
     vn.references = refs
     vn.reference_ranks = ranks
     return vn
