@@ -15,6 +15,17 @@ _LAZY: dict[str, str] = {
     "Explanation": "linear",
     "correlation_score": "simulation",
     "ablation_score": "simulation",
+    "top_impact": "simulation",
+    "area_chart": "simulation",
+    "split_indices": "linear",
+    "activation_summary": "concepts",
+    "label_concepts": "concepts",
+    "builtin_concepts": "concepts",
+    "clip_concept_matrix": "concepts",
+    "fit_sigmoid_calibration": "concepts",
+    "load_clip": "clip",
+    "encode_images": "clip",
+    "encode_texts": "clip",
 }
 
 __all__ = sorted(_LAZY)
