@@ -193,7 +193,7 @@ class ContributionSAE(nn.Module):
     @staticmethod
     def hard_threshold(pre: Tensor, threshold: float) -> Tensor:
         """``pre · 1[pre > threshold]``; the mask carries no gradient (it is a boolean comparison)."""
-        return pre * (pre.detach() > threshold).to(pre.dtype)
+        return torch.where(pre.detach() > threshold, pre, torch.zeros_like(pre))  # +0.0, never -0.0
 
     @torch.no_grad()
     def fit_scale_(self, x: Tensor) -> ContributionSAE:
