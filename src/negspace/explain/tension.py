@@ -160,15 +160,28 @@ def layer_to_feature_attribution(
     Returns:
         ``(B, C, H, W)`` shaped like ``h_l`` (or like ``x`` for ``layer=None``).
     """
+    feat = _validated_feature(model, feature, x)
+    if layer is not None:
+        get_layer(model, layer)
+    return _attribute(model, layer, x, feat, method, n_steps)
+
+
+def _validated_feature(model: nn.Module, feature: Feature, x: Tensor) -> Objective:
+    """:func:`as_feature` plus a channel-range check on one sample of ``x``."""
     feat = as_feature(model, feature)
     check_input(x)
     if feat.layer is not None:
         with torch.no_grad(), capture(model, feat.layer, stop_after=True) as cap:
             run_until(model, x[:1])
+        if feat.layer not in cap.activations:
+            raise ValueError(f"feature layer {feat.layer!r} did not run in the forward pass")
         _check_feature_width(feat, cap.activations[feat.layer])
+    return feat
+
+
+def _attribute(model: nn.Module, layer: str | None, x: Tensor, feat: Objective, method: str, n_steps: int) -> Tensor:
     if layer is None:
         return input_x_gradient(model, x, feat)
-    get_layer(model, layer)
     return layer_contributions(model, layer, x, feat, method=method, n_steps=n_steps)
 
 
@@ -239,13 +252,15 @@ def tension_stats(
     progress: bool = False,
 ) -> TensionResult:
     """Feature values, ``E_l``, ``E_l^±``, norms and φ± maps of ``feature`` over ``data`` (tensor or loader)."""
-    feat = as_feature(model, feature)
     _check_pos_int(batch_size, "batch_size")
     x_all = collect_images(data, batch_key=batch_key)
+    feat = _validated_feature(model, feature, x_all)
+    if layer is not None:
+        get_layer(model, layer)
     cols: dict[str, list[Tensor]] = {k: [] for k in ("f", "e", "ep", "em", "l1", "l2", "pp", "pm", "s")}
     for sl in tqdm(list(_chunks(x_all.shape[0], batch_size)), desc="tension", disable=not progress):
         x = x_all[sl]
-        s = layer_to_feature_attribution(model, layer, x, feat, method=method, n_steps=n_steps)
+        s = _attribute(model, layer, x, feat, method, n_steps)
         with torch.no_grad():
             f = forward_objective(model, x, feat)
         ep, em = e_split(s)
@@ -283,11 +298,11 @@ def completeness_correlation(
     All layers are attributed in the same passes; the key ``"pixels"`` holds input × gradient when
     ``"pixels"`` is listed.
     """
-    feat = as_feature(model, feature)
     if isinstance(layers, str) or not layers:
         raise TypeError(f"layers must be a non-empty list of dotted names, got {layers!r}")
     hidden = [n for n in layers if n != "pixels"]
     x_all = collect_images(data, batch_key=batch_key)
+    feat = _validated_feature(model, feature, x_all)
     fs: list[Tensor] = []
     es: dict[str, list[Tensor]] = {n: [] for n in layers}
     for sl in _chunks(x_all.shape[0], _check_pos_int(batch_size, "batch_size")):
