@@ -140,6 +140,30 @@ def test_fast_path_equals_autograd_linear(tokens):
         torch.testing.assert_close(raw, a * model[2].weight[3])
 
 
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.relu, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.relu(self.conv1(x))) + x
+
+
+def test_batched_circuits_equal_per_neuron_loop_also_with_shortcut():
+    """Many neurons per sample (replicated segment, or batched backwards when a shortcut bypasses the
+    circuit layer) equal one autograd call per neuron."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Residual(), nn.ReLU())
+    x = torch.randn(3, 3, 8, 8)
+    for layer, circuit_layer in (("3", "1"), ("2", "2.relu")):
+        many = circuits(model, layer, circuit_layer, x, [0, 1, 3], fast=False)
+        loop = torch.stack([circuits(model, layer, circuit_layer, x, k, fast=False) for k in (0, 1, 3)], dim=1)
+        torch.testing.assert_close(many, loop, atol=1e-6, rtol=1e-5)
+        pairs = torch.tensor([[3, 0], [1, 1], [3, 3]])
+        got = circuits(model, layer, circuit_layer, x, pairs, fast=False)
+        torch.testing.assert_close(got, loop[torch.arange(3)[:, None], torch.tensor([[2, 0], [1, 1], [2, 2]])])
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_clustering_separates_the_two_circuits(toy, fast):
     model, x, kind = toy
