@@ -20,10 +20,10 @@ B, N_BATCHES, HW = 4, 4, 6
 
 
 class Net(nn.Module):
-    def __init__(self, num_classes: int = 2) -> None:
+    def __init__(self, num_classes: int = 2, bn: bool = True) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
+        self.bn = nn.BatchNorm2d(4) if bn else nn.Identity()
         self.fc = nn.Linear(4 * 3 * 3, num_classes)
 
     def forward(self, x):
@@ -34,10 +34,12 @@ class Net(nn.Module):
 class Module(L.LightningModule):
     """A plain classifier that knows nothing about priors."""
 
-    def __init__(self, num_classes: int = 2, fail_at: int | None = None, dict_out: bool = False) -> None:
+    def __init__(
+        self, num_classes: int = 2, fail_at: int | None = None, dict_out: bool = False, bn: bool = True
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = Net(num_classes)
+        self.net = Net(num_classes, bn)
         self.fail_at = fail_at
         self.dict_out = dict_out
 
@@ -97,9 +99,9 @@ def trainer(callbacks, **kw):
 
 
 def reference(lam, *, mode="presence_absence", epochs=1, accumulate=1, autocast=None, scaler=None, num_classes=2,
-              non_target="complement", gen_seed=None):
+              non_target="complement", gen_seed=None, bn=True):
     """Plain PyTorch loop: loss = CE + λ·prior_loss (prior with autocast off)."""
-    module = Module(num_classes)
+    module = Module(num_classes, bn=bn)
     module.train()
     opt = module.configure_optimizers()
     x, y, mask = make_data(num_classes)
@@ -225,6 +227,24 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     # and the run is the hand-written loop with the same class draws
     assert_same_state(full, reference(2.0, epochs=2, num_classes=3, non_target="sample:1", gen_seed=7),
                       rtol=1e-5, atol=1e-6)
+
+
+def test_share_forward_equals_separate_pass_without_batchnorm():
+    module = Module(bn=False)
+    calls = []
+    module.net.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    tr = trainer([AttributionPrior(lam=3.0, share_forward=True)])
+    tr.fit(module, loader())
+    assert calls == [B] * N_BATCHES  # one (shared) forward per step, no separate prior pass
+    assert_same_state(module, reference(3.0, bn=False), rtol=1e-5, atol=1e-6)
+    assert "attribution_prior/mass_in_mask" in tr.callback_metrics
+    # under autocast it falls back to the separate full-precision pass, with a warning
+    module = Module(bn=False)
+    with pytest.warns(UserWarning, match="falls back"):
+        fit(AttributionPrior(lam=3.0, share_forward=True), module, precision="bf16-mixed")
+    assert_same_state(module, reference(3.0, autocast=torch.bfloat16, bn=False), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="share_forward"):
+        AttributionPrior(share_forward=True, method="integrated_gradients")
 
 
 # --------------------------------------------------------------------------------- wrapper lifecycle

@@ -7,7 +7,14 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import nn
 
-from negspace.priors import EPS, attribution_prior, compute_prior, frozen_norm_stats, prior_loss
+from negspace.priors import (
+    EPS,
+    attribution_prior,
+    compute_prior,
+    compute_prior_from_logits,
+    frozen_norm_stats,
+    prior_loss,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -284,3 +291,18 @@ def test_complement_needs_binary_and_topk_range():
         prior_loss(Linear(w), x, y, mask, non_target="top:3")
     # presence mode needs no non-target classes
     assert prior_loss(Linear(w), x, y, mask, mode="presence", non_target="complement") > 0
+
+
+def test_shared_forward_variant_equals_prior_loss():
+    w, x, y, mask = _setup(num_classes=3)
+    model = Linear(w)
+    expected = prior_loss(model, x, y, mask, non_target="all")
+    (g_expected,) = torch.autograd.grad(expected, model.weight)
+    xr = x.clone().requires_grad_(True)
+    res = compute_prior_from_logits(model(xr), xr, y, mask, non_target="all")
+    torch.testing.assert_close(res.loss, expected)
+    (g,) = torch.autograd.grad(res.loss, model.weight)
+    torch.testing.assert_close(g, g_expected)
+    assert res.per_sample[2].item() == 0.0
+    with pytest.raises(ValueError, match="requires_grad"):
+        compute_prior_from_logits(model(x), x, y, mask)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from negspace.attribution import input_x_gradient, integrated_gradients, relative_mass_in_mask
-from negspace.attribution._core import check_input
+from negspace.attribution._core import check_input, grads_per_target
 from negspace.objectives import Objective, logit
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "attribution_prior",
     "check_mask",
     "compute_prior",
+    "compute_prior_from_logits",
     "frozen_norm_stats",
     "parse_non_target",
     "prior_loss",
@@ -326,14 +327,64 @@ def compute_prior(
             )
     if attr.dim() == x.dim():  # single target came back without the K axis
         attr = attr.unsqueeze(1)
+    return _combine(attr, ms, m, index, objective._targets, mode, b)
+
+
+def _combine(
+    attr: Tensor, ms: Tensor, m: Tensor, index: Tensor, targets: Tensor | None, mode: str, b: int
+) -> PriorResult:
+    """Eq. 2/3 from the ``(M, K, C, H, W)`` attributions of the M masked samples of a batch of B."""
     terms = attribution_prior(attr, ms)  # (M, K)
     if mode == "presence":
         per = 2.0 * terms[:, 0]
     else:
         per = terms[:, 0] + terms[:, 1:].mean(1)
-    per_sample = per if all_masked else x.new_zeros(b, dtype=per.dtype).index_copy(0, index, per)
+    all_masked = index.numel() == b
+    per_sample = per if all_masked else per.new_zeros(b).index_copy(0, index, per)
     loss = per.sum() / b  # mean over the whole batch; unmasked samples contribute exactly 0
-    return PriorResult(loss, per_sample, index, attr, objective._targets, m)
+    return PriorResult(loss, per_sample, index, attr, targets, m)
+
+
+def compute_prior_from_logits(
+    logits: Tensor,
+    x: Tensor,
+    y: Tensor,
+    mask: Tensor,
+    *,
+    mode: str = "presence_absence",
+    non_target: str = "complement",
+    generator: torch.Generator | None = None,
+) -> PriorResult:
+    """Input×gradient prior from ``logits = model(x)`` computed *in the training forward* (shared forward).
+
+    ``x: (B, C, H, W)`` must require grad and ``logits: (B, num_classes)`` must come from it in the current
+    graph (e.g. ``x.requires_grad_(); logits = model(x); loss = ce(logits, y) + lam * prior.loss``). This
+    saves the prior's own forward pass and, because the prior's double backward and the loss backward then
+    share one graph, the second backward through the forward activations. The values equal
+    :func:`prior_loss` with ``method="input_x_gradient"`` whenever samples do not interact in the forward
+    (no train-mode BatchNorm); with train-mode BatchNorm the attributions are those of the training
+    forward (full-batch statistics). Gradients are taken for the whole batch (masked rows only contribute),
+    so skipping unmasked samples saves nothing here.
+    """
+    kind, k = _check_options(mode, "input_x_gradient", non_target, 1)
+    if not isinstance(x, Tensor) or not x.requires_grad:
+        raise ValueError("x must be the tensor the logits were computed from, with requires_grad=True")
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be (B, num_classes) with B = {x.shape[0]}, got {shape}")
+    b = x.shape[0]
+    yl = _check_labels(y, b)
+    m = check_mask(mask, x.detach())
+    index = (m.flatten(1).sum(1) > 0).nonzero().flatten()
+    if index.numel() == 0:
+        zero = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=torch.is_grad_enabled())
+        return PriorResult(zero, x.new_zeros(b), index, None, None, m)
+    sub = logits.index_select(0, index)
+    targets = _resolve_targets(yl.index_select(0, index.to(yl.device)), sub, mode, kind, k, generator)
+    vals = sub.gather(1, targets)  # (M, K)
+    (grad,) = grads_per_target(vals, [x], create_graph=True)  # (K, B, C, H, W)
+    attr = grad.index_select(1, index).movedim(0, 1) * x.detach().index_select(0, index).unsqueeze(1)
+    return _combine(attr, m.index_select(0, index), m, index, targets, mode, b)
 
 
 def prior_loss(

@@ -16,7 +16,7 @@ import functools
 import math
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +24,15 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from negspace.priors import METHODS, MODES, PriorResult, compute_prior, frozen_norm_stats, parse_non_target
+from negspace.priors import (
+    METHODS,
+    MODES,
+    PriorResult,
+    compute_prior,
+    compute_prior_from_logits,
+    frozen_norm_stats,
+    parse_non_target,
+)
 
 __all__ = ["AttributionPrior"]
 
@@ -50,9 +58,13 @@ def _install(module: LightningModule, cb: AttributionPrior) -> None:
 
         @functools.wraps(user_step)
         def training_step(*args: Any, **kwargs: Any) -> Any:
-            out = user_step(*args, **kwargs)
             batch = args[0] if args else kwargs.get("batch")
-            for prior in list(priors):
+            active = list(priors)
+            with contextlib.ExitStack() as stack:
+                for prior in active:  # share_forward: capture the logits of the user's own forward
+                    stack.enter_context(prior._capture(module, batch))
+                out = user_step(*args, **kwargs)
+            for prior in active:
                 out = prior._add_to_output(module, batch, out)
             return out
 
@@ -119,6 +131,15 @@ class AttributionPrior(Callback):
             model or its attributions have diverged. ``"skip"``: warn and train that step without the prior.
         seed: seeds the generator of ``non_target="sample:K"`` (offset by the global rank); its state is
             checkpointed so resumed runs draw the same classes.
+        share_forward: input×gradient only. Instead of its own forward pass, the prior differentiates the
+            logits of the forward your ``training_step`` runs on the batch image (captured with a forward
+            hook on the attributed module; the image is set to ``requires_grad``), so the prior and the loss
+            share one forward and one backward through it — markedly cheaper (see docs/priors.md). Equal to
+            the default path for models whose samples do not interact (no train-mode BatchNorm); with
+            train-mode BatchNorm the attributions are those of the training forward (full-batch
+            statistics). Falls back to the separate pass (with a warning) when autocast is active and
+            ``allow_autocast=False``, when ``forward`` is a callable, or when the module is not called on
+            the batch's image tensor itself (e.g. augmentation inside ``training_step``).
         name: log prefix (``<name>/penalty``, ``<name>/mass_in_mask``, ``<name>/lam``) and part of
             ``state_key``; give distinct names to several instances with the same settings.
 
@@ -150,6 +171,7 @@ class AttributionPrior(Callback):
         keep_norm_stats: bool = True,
         on_nan: str = "raise",
         seed: int = 0,
+        share_forward: bool = False,
         name: str = "attribution_prior",
     ) -> None:
         super().__init__()
@@ -191,6 +213,14 @@ class AttributionPrior(Callback):
         self.on_nan = on_nan
         self.seed = int(seed)
         self.name = name
+        self.share_forward = bool(share_forward)
+        if self.share_forward and (method != "input_x_gradient" or callable(forward)):
+            raise ValueError(
+                "share_forward=True needs method='input_x_gradient' and forward=None or a dotted path to a "
+                f"module; got method={method!r}, forward={forward!r}"
+            )
+        self._captured: dict[str, Any] | None = None
+        self._warned: set[str] = set()
         self.generator: torch.Generator | None = None
         self._pending_gen_state: Tensor | None = None
         self.penalised_batches = 0  # batches that received a penalty (checkpointed)
@@ -289,10 +319,61 @@ class AttributionPrior(Callback):
         new_out["loss"] = new_loss
         return new_out
 
-    def _weighted_penalty(self, module: LightningModule, batch: Any) -> Tensor | None:
+    def _step(self, module: LightningModule) -> int:
         trainer = getattr(module, "_trainer", None)
-        step = trainer.global_step if trainer is not None else self.penalised_batches
+        return trainer.global_step if trainer is not None else self.penalised_batches
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(f"AttributionPrior({self.name!r}): {msg}")
+
+    @contextlib.contextmanager
+    def _capture(self, module: LightningModule, batch: Any) -> Iterator[None]:
+        """With ``share_forward``: hook the attributed module and keep its output for the batch image."""
+        self._captured = None
+        if not self.share_forward or self.effective_lam(self._step(module)) == 0.0:
+            yield
+            return
+        x, _, mask = self._extract(batch)
+        if isinstance(mask, Tensor) and mask.numel() and not bool(mask.detach().flatten().any()):
+            yield  # nothing masked: no prior, do not touch the image
+            return
+        if not self.allow_autocast and torch.is_autocast_enabled(x.device.type):
+            self._warn_once("autocast", "share_forward falls back to a separate forward pass under autocast "
+                            "(the prior is computed in full precision; pass allow_autocast=True to share)")
+            yield
+            return
+        target = self._attributed(module).fn
+        if not isinstance(target, nn.Module) or not isinstance(x, Tensor) or not x.is_floating_point():
+            yield
+            return
+        if not x.requires_grad:
+            if not x.is_leaf:
+                yield
+                return
+            x.requires_grad_(True)
+        slot: dict[str, Any] = {"x": x}
+
+        def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            if "out" not in slot and args and args[0] is x:
+                slot["out"] = out
+
+        handle = target.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+        if "out" in slot:
+            self._captured = slot
+        else:
+            self._warn_once("miss", "share_forward: the attributed module was not called on the batch image "
+                            "tensor in training_step; using a separate forward pass instead")
+
+    def _weighted_penalty(self, module: LightningModule, batch: Any) -> Tensor | None:
+        step = self._step(module)
         lam = self.effective_lam(step)
+        captured, self._captured = self._captured, None
         if lam == 0.0:
             return None
         x, y, mask = self._extract(batch)
@@ -303,26 +384,33 @@ class AttributionPrior(Callback):
             else torch.autocast(device_type=x.device.type, enabled=False)
         )
         norm = frozen_norm_stats(module) if self.keep_norm_stats else contextlib.nullcontext()
-        with autocast, norm:
-            result = compute_prior(
-                model,
-                x,
-                y,
-                mask,
-                mode=self.mode,
-                method=self.method,
-                non_target=self.non_target,
-                n_steps=self.n_steps,
-                baseline=self.baseline,
-                internal_batch_size=self.internal_batch_size,
-                generator=self.generator,
-                keep_norm_stats=False,  # done above, on the whole LightningModule
-            )
+        if captured is not None and captured["x"] is x:
+            logits = _LogitsOf(lambda _x: captured["out"], self.output_key)(x)
+            with autocast:
+                result = compute_prior_from_logits(
+                    logits, x, y, mask, mode=self.mode, non_target=self.non_target, generator=self.generator
+                )
+        else:
+            with autocast, norm:
+                result = compute_prior(
+                    model,
+                    x,
+                    y,
+                    mask,
+                    mode=self.mode,
+                    method=self.method,
+                    non_target=self.non_target,
+                    n_steps=self.n_steps,
+                    baseline=self.baseline,
+                    internal_batch_size=self.internal_batch_size,
+                    generator=self.generator,
+                    keep_norm_stats=False,  # done above, on the whole LightningModule
+                )
         self.last_result = result
         value = result.loss
         if not bool(torch.isfinite(value.detach())):
             msg = (
-                f"AttributionPrior({self.name!r}): the prior penalty is {float(value)} at global step {step}; "
+                f"AttributionPrior({self.name!r}): the prior penalty is {float(value.detach())} at global step {step}; "
                 "the model or its attributions diverged (lower lam or the learning rate)"
             )
             if self.on_nan == "raise":
@@ -336,7 +424,7 @@ class AttributionPrior(Callback):
     def _log(self, module: LightningModule, result: PriorResult, lam: float, batch_size: int) -> None:
         if getattr(module, "_trainer", None) is None:
             return
-        kw = {"on_step": True, "on_epoch": True}
+        kw = {"on_step": True, "on_epoch": False}  # epoch-level sync would need every rank to log
         module.log(f"{self.name}/penalty", result.loss.detach().float(), batch_size=batch_size, **kw)
         module.log(f"{self.name}/lam", float(lam), batch_size=batch_size, **kw)
         mass = result.mass_in_mask()
