@@ -144,7 +144,8 @@ class SAEOutput(NamedTuple):
 class ContributionSAE(nn.Module):
     """CODEC's sparse autoencoder (paper 002 §4): MLP encoder, hard threshold, (non-negative) dictionary.
 
-    ``pre = MLP(x / s)``; ``codes = pre · 1[pre > threshold]`` (hard threshold: codes below it are exactly
+    ``pre = MLP(x / s)`` (output bias initialised at the threshold, so that about half of the codes are alive
+    at the start); ``codes = pre · 1[pre > threshold]`` (hard threshold: codes below it are exactly
     zero; the mask is a constant for autograd, so gradients flow only through the kept entries and never
     through the mask); ``recon = s · codes @ D`` with ``D: (M, F)``, ``M = expansion · F`` modes (atoms are
     rows of ``D``) and ``s`` a data scale (global std, set by :meth:`fit_scale_`). With ``nonneg=True`` the
@@ -182,6 +183,9 @@ class ContributionSAE(nn.Module):
         self.threshold = float(threshold)
         self.nonneg = bool(nonneg)
         self.encoder = nn.Sequential(nn.Linear(num_features, h), nn.ReLU(), nn.Linear(h, m))
+        # Start the pre-activations around the threshold: with the default init they are all below it, every
+        # code is exactly zero and, since no gradient passes the mask, training would never start.
+        nn.init.constant_(self.encoder[-1].bias, self.threshold)
         self.weight = nn.Parameter(torch.rand(m, num_features) / math.sqrt(num_features))
         self.register_buffer("scale", torch.tensor(1.0))
 
