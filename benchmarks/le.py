@@ -171,8 +171,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.repeats = 1 if args.quick else 3
-    args.naive_neurons = 2 if args.quick else 4
-    args.naive_ablation = 2 if args.quick else 4
+    args.naive_neurons = 2 if args.quick else 3
+    args.naive_ablation = 2 if args.quick else 3
     if args.only in (None, "explain"):
         bench_explain(args)
     if args.only in (None, "ablation"):

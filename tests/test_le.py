@@ -160,7 +160,7 @@ def test_errors_and_dead_neurons():
         linear_explanation([1.0, 2.0], p)
     acts = ys.clone()
     acts[:, 2] = 0.7  # dead neuron
-    with pytest.warns(UserWarning, match="neuron 2 is dead"):
+    with pytest.warns(UserWarning, match=r"1 dead neuron.*units \[2\]"):
         exps = linear_explanation(acts, p)
     assert exps[2].dead and exps[2].concepts == [] and math.isnan(exps[2].val_correlation)
     assert exps[2].bias == pytest.approx(0.7)
@@ -396,3 +396,83 @@ def test_callback_in_tiny_fit_writes_csv(tmp_path):
     assert [e.to_dict() for e in other.result] == [e.to_dict() for e in cb.result] or all(
         math.isnan(a.val_correlation) for a in other.result)
     assert hook_count(module) == 0
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+DDP_SCRIPT = '''
+import json
+import sys
+
+import lightning as L
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from negspace.callbacks import LinearExplanations
+
+
+class Module(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    torch.set_num_threads(1)
+    d = load_digits()
+    x = torch.tensor(d.images[:400], dtype=torch.float32)[:, None] / 16.0
+    y = torch.tensor(d.target[:400])
+    cb = LinearExplanations("act", concepts="digits", neurons=[0, 1, 2], fit_at="validation_end", scaling="norm")
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=out, callbacks=[cb])
+    trainer.validate(Module(), DataLoader(TensorDataset(x, y), batch_size=50), verbose=False)
+    with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
+        json.dump({"exps": [e.to_dict() for e in cb.result], "ablation": cb.ablation_scores}, f)
+'''
+
+
+@pytest.mark.ddp
+def test_callback_ddp_every_rank_holds_the_same_result(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "le_ddp_script.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0 == r1 or json.dumps(r0) == json.dumps(r1)
+    # equal to one process on the gathered data (DistributedSampler: rank r holds samples r, r+2, ...)
+    ns: dict = {"__name__": "le_ddp_reference"}
+    exec(compile(DDP_SCRIPT, "le_ddp_script", "exec"), ns)
+    module = ns["Module"]().eval()
+    d = load_digits()
+    x = torch.tensor(d.images[:400], dtype=torch.float32)[:, None] / 16.0
+    y = torch.tensor(d.target[:400])
+    order = torch.cat([torch.arange(0, 400, 2), torch.arange(1, 400, 2)])
+    q = activation_summary(module, "act", x[order])
+    p, names = builtin_concepts("digits", [(x[order], y[order])])
+    want = linear_explanation(q[:, :3], p, concept_names=names)
+    assert [e["concepts"] for e in r0["exps"]] == [e.concepts for e in want]
+    np.testing.assert_allclose([e["val_correlation"] for e in r0["exps"]], [e.val_correlation for e in want],
+                               atol=1e-5)

@@ -122,6 +122,7 @@ class LinearExplanations(L.Callback):
         self.ablation_scores: list[float] = []
         self.csv_path: str | None = None
         self.figure_paths: list[str] = []
+        self._root: str | None = None
 
     # ------------------------------------------------------------------------------------------ data
     def _val_loader(self, trainer: L.Trainer) -> Any:
@@ -215,6 +216,8 @@ class LinearExplanations(L.Callback):
                 "a concepts tensor is aligned with the unsharded validation set; under DDP pass a callable "
                 "batch -> (B, M), 'labels' or a built-in concept set name instead"
             )
+        # trainer.log_dir broadcasts under DDP: resolve it on every rank, never inside a rank-0-only branch
+        self._root = trainer.log_dir or trainer.default_root_dir
         with torch.inference_mode(False):
             x, y, acts, extra = self._collect(pl_module, self._val_loader(trainer))
             x, y = self._gather(trainer, x), self._gather(trainer, y)
@@ -282,7 +285,7 @@ class LinearExplanations(L.Callback):
         return {"explanations": [e.to_dict() for e in exps], "scores": scores, "ablation": abl, "csv": csv_path}
 
     def _folder(self, trainer: L.Trainer) -> str:
-        root = trainer.log_dir or trainer.default_root_dir
+        root = self._root or trainer.default_root_dir
         folder = os.path.join(root, "linear_explanations")
         os.makedirs(folder, exist_ok=True)
         return folder

@@ -261,13 +261,17 @@ def linear_explanation(
 
     results: list[Explanation | None] = [None] * d
     meta = {"n_samples": n, "split": split_t, "seed": int(seed)}
-    for j in dead.nonzero().flatten().tolist():
+    dead_ids = dead.nonzero().flatten().tolist()
+    if dead_ids:
+        shown = [unit_ids[j] for j in dead_ids[:20]]
         warnings.warn(
-            f"neuron {unit_ids[j]} is dead (constant activation {float(mu_y[j]):.4g} on the training split); "
-            "it gets an empty explanation with val_correlation=nan",
+            f"{len(dead_ids)} dead neuron(s) (constant activation on the training split): units {shown}"
+            f"{' ...' if len(dead_ids) > 20 else ''}; they get empty explanations with dead=True and "
+            "val_correlation=nan",
             UserWarning,
             stacklevel=2,
         )
+    for j in dead_ids:
         results[j] = Explanation([], [], float(mu_y[j]), float("nan"), [], unit_ids[j], float("nan"), True, **meta)
 
     if live.numel() > 0:
