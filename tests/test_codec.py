@@ -262,6 +262,8 @@ def test_clear_errors(digits, digit_modes, digit_data):
         perturbation_sweep(model, "relu2", (x, y), torch.rand(32), 10, num_classes=10)
     with pytest.raises(ValueError, match="target must be one of"):
         compute_contributions(model, loader, "relu2", target="top1", progress=False)
+    with pytest.raises(ValueError, match="one scalar target per sample"):
+        contributions_batch(model, "relu2", x[:4], logit([0, 1]), method="act_grad")
 
 
 def test_contribution_map_is_complete_inputgrad_decomposition(tmp_path, digits):

@@ -138,8 +138,11 @@ def contributions_batch(
     rows: dict[str, Tensor] = {}
     for n in names:
         c = contrib[n]
-        if c.dim() == x.dim() + 1 or (c.dim() == 3 and cap.activations[n].dim() == 2):
-            raise ValueError("contribution datasets need a scalar target per sample, got K targets")
+        if c.shape != cap.activations[n].shape:
+            raise ValueError(
+                f"contribution datasets need one scalar target per sample; got contributions of shape "
+                f"{tuple(c.shape)} for layer {n!r} with output {tuple(cap.activations[n].shape)} (K targets?)"
+            )
         pos, neg = ei_split(c)
         rows[f"{n}.pos"] = spatial_sum(pos).detach().float().cpu()
         rows[f"{n}.neg"] = spatial_sum(neg).detach().float().cpu()
