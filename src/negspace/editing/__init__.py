@@ -25,6 +25,7 @@ _LAZY: dict[str, str] = {
     "contribution_map": "codec",
     "VirtualNeurons": "pure",
     "VirtualNeuronRouter": "pure",
+    "fit_virtual_neurons": "pure",
 }
 
 __all__ = sorted(_LAZY)
