@@ -17,11 +17,13 @@ from negspace.editing.codec import (
     ContributionSAE,
     class_masks,
     contribution_map,
+    default_kind,
     fit_modes,
     mode_class_correlation,
     perturbation_sweep,
     save_contribution_maps,
     select_channels,
+    selection_sign,
     target_sign,
     train_sae,
 )
@@ -125,6 +127,8 @@ def test_targets(digits, target):
     rows = contributions_batch(model, "relu2", x[:8], target, labels=y[:8], method="act_grad")
     assert rows["relu2.pos"].shape == (8, 32) and torch.isfinite(rows["relu2.pos"]).all()
     assert target_sign(target) == (-1 if target == "entropy" else 1)
+    assert default_kind(target) == ("negative" if target == "entropy" else "positive")
+    assert selection_sign(target, "net") == target_sign(target) and selection_sign(target, "negative") == 1
 
 
 def test_store_round_trip(tmp_path, digits):
@@ -331,7 +335,7 @@ def test_channel_edit_callback_validate_and_checkpoint(tmp_path, digits):
         assert torch.equal(torch.cat(lit.val_logits[0]), model(x[:96]))
 
 
-def test_codec_modes_callback_on_demand_and_lightning_sae(digits):
+def test_codec_modes_callback_on_demand_and_lightning_sae(tmp_path, digits):
     from negspace.callbacks import CodecModes
     from negspace.callbacks.codec import fit_sae
 
@@ -344,6 +348,16 @@ def test_codec_modes_callback_on_demand_and_lightning_sae(digits):
     assert "codec/relu2/hoyer_contrib" in cb.metrics() and "not fitted" not in repr(cb)
     data = cb.data
     assert isinstance(data, ContributionSet) and len(data) == 300
+    # inside a Trainer: gradients work during validation (inference_mode is lifted), stats logged, figure saved
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb2 = CodecModes("relu2", num_classes=10, fit_on="validation_end", root="model", method="integrated",
+                     n_steps=2, progress=False, sae={"epochs": 2, "lr": 3e-3})
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=CSVLogger(tmp_path), enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[cb2])
+    trainer.validate(LitDigits(model), dataloaders=[loader, loader], verbose=False)
+    assert cb2.result is not None and "codec/relu2/ei_corr" in trainer.callback_metrics
+    assert list(tmp_path.rglob("mode_class_correlation_relu2.png")) and hook_count(model) == 0
     fit = fit_sae(data.features("relu2"), epochs=2, lr=3e-3, batch_size=100,
                   trainer_kwargs={"enable_progress_bar": False})
     assert fit.sae.num_atoms == 96 and fit.samples_per_second > 0 and fit.r2 == fit.r2

@@ -23,11 +23,13 @@ from negspace.editing.codec import (
     ContributionSAE,
     LayerModes,
     SAEFit,
+    default_kind,
     encode_dataset,
     fit_modes,
     r2_score,
     sae_loss,
     sae_optimizers,
+    selection_sign,
 )
 from negspace.editing.contributions import ContributionSet, ContributionStore, compute_contributions
 from negspace.hooks import get_layer
@@ -212,7 +214,8 @@ class CodecModes(Callback):
         fit_on: ``"train_end"`` (after ``fit``), ``"validation_end"`` (after each validation outside the sanity
             check) or ``"manual"`` (call :meth:`fit` yourself).
         method, target, n_steps, k: contribution algorithm/target (paper: ``integrated``, ``top_logit``, 10).
-        kind: SAE features (``"positive"``: E, the paper's default; ``"net"``, ``"concat"``).
+        kind: SAE features (default ``"positive"``: E, the paper's choice; ``"negative"`` (I) for an ``entropy``
+            target; or ``"net"``, ``"concat"``). Channel selection signs follow the target (``selection_sign``).
         superclasses: ``{"name": [classes]}`` extra concept masks for the mode–class correlation.
         dataloader_idx: which validation dataloader to use; ``max_batches`` caps the data.
         store_dir: stream contributions to safetensors shards there (for large validation sets).
@@ -237,7 +240,7 @@ class CodecModes(Callback):
         target: str = "top_logit",
         n_steps: int = 10,
         k: int = 5,
-        kind: str = "positive",
+        kind: str | None = None,
         superclasses: Mapping[str, Sequence[int]] | None = None,
         dataloader_idx: int = 0,
         max_batches: int | None = None,
@@ -253,7 +256,8 @@ class CodecModes(Callback):
         self.layers = [layers] if isinstance(layers, str) else list(layers)
         self.num_classes = num_classes
         self.fit_on = fit_on
-        self.method, self.target, self.n_steps, self.k, self.kind = method, target, n_steps, k, kind
+        self.method, self.target, self.n_steps, self.k = method, target, n_steps, k
+        self.kind = default_kind(target) if kind is None else kind
         self.superclasses = superclasses
         self.dataloader_idx = dataloader_idx
         self.max_batches = max_batches
@@ -281,7 +285,8 @@ class CodecModes(Callback):
             self.data = data
             self.result = {
                 n: fit_modes(data, n, kind=self.kind, num_classes=self.num_classes,
-                             superclasses=self.superclasses, baseline=self.baseline, **self.sae_kwargs)
+                             superclasses=self.superclasses, baseline=self.baseline,
+                             sign=selection_sign(self.target, self.kind), **self.sae_kwargs)
                 for n in self.layers
             }
         return self.result

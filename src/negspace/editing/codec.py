@@ -48,6 +48,7 @@ __all__ = [
     "class_mean_atom",
     "contribution_map",
     "contribution_statistics",
+    "default_kind",
     "ei_correlation",
     "encode_dataset",
     "fit_modes",
@@ -60,6 +61,7 @@ __all__ = [
     "sae_optimizers",
     "save_contribution_maps",
     "select_channels",
+    "selection_sign",
     "target_sign",
     "train_sae",
 ]
@@ -372,6 +374,18 @@ def target_sign(target: str | Objective) -> int:
     *decrease* the output entropy), as in the reference ablation code."""
     t = make_target(target) if isinstance(target, str) else target
     return -1 if isinstance(t, entropy) else 1
+
+
+def default_kind(target: str | Objective) -> str:
+    """SAE features for a target: ``"positive"`` (E, paper 10.1), or ``"negative"`` (I) for ``entropy``, whose
+    class-driving units are those that *lower* the output entropy."""
+    return "negative" if target_sign(target) < 0 else "positive"
+
+
+def selection_sign(target: str | Objective, kind: str) -> int:
+    """Sign for :func:`select_channels`: E or I atoms are non-negative and ranked as they are (+1); ``net`` and
+    ``concat`` atoms of an entropy target are ranked most-negative first (−1)."""
+    return target_sign(target) if kind in ("net", "concat") else 1
 
 
 def select_channels(
