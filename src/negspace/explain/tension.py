@@ -387,15 +387,21 @@ def _values_chunked(model: nn.Module, layer: str, x: Tensor, reduce: str, chunk:
 
 
 def unfold_windows(x: Tensor, patch: tuple[int, int], stride: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """All sliding windows of ``x: (B, C, H, W)`` as a batch ``(B·nH·nW, C, ph, pw)`` and their
-    ``(image, top, left)`` coordinates ``(B·nH·nW, 3)`` (a view: no copy until the forward pass)."""
-    b = x.shape[0]
-    ph, pw = patch
-    win = x.unfold(2, ph, stride[0]).unfold(3, pw, stride[1])  # (B, C, nH, nW, ph, pw)
-    nh, nw = win.shape[2], win.shape[3]
-    win = win.permute(0, 2, 3, 1, 4, 5).reshape(b * nh * nw, x.shape[1], ph, pw)
+    """Sliding windows of ``x: (B, C, H, W)`` as a strided view ``(B, C, nH, nW, ph, pw)`` (no copy) and their
+    ``(image, top, left)`` coordinates ``(B·nH·nW, 3)``; :func:`gather_windows` copies out a batch of them."""
+    win = x.unfold(2, patch[0], stride[0]).unfold(3, patch[1], stride[1])
+    b, _, nh, nw = win.shape[:4]
     bi, ii, jj = torch.meshgrid(torch.arange(b), torch.arange(nh) * stride[0], torch.arange(nw) * stride[1], indexing="ij")
     return win, torch.stack([bi.flatten(), ii.flatten(), jj.flatten()], 1)
+
+
+def gather_windows(win: Tensor, ids: Tensor) -> Tensor:
+    """Windows number ``ids`` (any shape, row-major over ``(B, nH, nW)``) of an :func:`unfold_windows` view →
+    ``(*ids.shape, C, ph, pw)``; only these windows are copied."""
+    _, _, nh, nw = win.shape[:4]
+    flat = ids.flatten()
+    out = win[flat // (nh * nw), :, (flat // nw) % nh, flat % nw]  # (n, C, ph, pw)
+    return out.reshape(*ids.shape, *out.shape[1:])
 
 
 @dataclass
@@ -453,13 +459,13 @@ def activating_patches(
     _check_pos_int(chunk_size, "chunk_size")
     x_all = collect_images(data, max_images=max_images, batch_key=batch_key)
     _check_patch_fits(x_all, patch)
-    windows, where = unfold_windows(x_all, patch, st)
-    n = windows.shape[0]
+    windows, where = unfold_windows(x_all, patch, st)  # a view: windows are copied chunk by chunk
+    n = where.shape[0]
     if k > n:
         raise ValueError(f"k={k} exceeds the number of windows ({n}); lower k or the stride")
     top_v = bot_v = top_i = bot_i = None
     for sl in tqdm(list(_chunks(n, chunk_size)), desc="patch search", disable=not progress):
-        vals = channel_values(model, layer, windows[sl].contiguous(), reduce=reduce).T  # (C, n_chunk)
+        vals = channel_values(model, layer, gather_windows(windows, torch.arange(sl.start, sl.stop)), reduce=reduce).T  # (C, n_chunk)
         ids = torch.arange(sl.start, sl.stop).expand_as(vals)
         if top_v is None:
             top_v, top_i, bot_v, bot_i = vals[:, :0], ids[:, :0], vals[:, :0], ids[:, :0]
@@ -472,7 +478,7 @@ def activating_patches(
     return PatchResult(
         layer=layer, patch_size=patch, stride=st,
         most_values=top_v, most_where=where[top_i], least_values=bot_v, least_where=where[bot_i],
-        most=windows[top_i], least=windows[bot_i],
+        most=gather_windows(windows, top_i), least=gather_windows(windows, bot_i),
     )  # fmt: skip
 
 
