@@ -335,6 +335,29 @@ def test_channel_edit_callback_validate_and_checkpoint(tmp_path, digits):
         assert torch.equal(torch.cat(lit.val_logits[0]), model(x[:96]))
 
 
+class LitTrain(LitDigits):
+    def training_step(self, batch, batch_idx):
+        self.hooks_seen = hook_count(self.model)
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_channel_edit_callback_during_training(digits):
+    from negspace.callbacks import ChannelEdit
+
+    model, x, y, _ = digits
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:64], y[:64]), batch_size=32)
+    lit = LitTrain(model)
+    cb = ChannelEdit({"relu2": [1, 2]}, mode="preserve", stages="fit", root="model")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, max_steps=1,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[cb])
+    trainer.fit(lit, loader)
+    assert lit.hooks_seen == 1 and hook_count(model) == 0 and not cb.active
+
+
 def test_codec_modes_callback_on_demand_and_lightning_sae(tmp_path, digits):
     from negspace.callbacks import CodecModes
     from negspace.callbacks.codec import fit_sae
