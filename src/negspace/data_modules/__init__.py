@@ -15,6 +15,10 @@ _LAZY: dict[str, str] = {
     "SyntheticLesionDataModule": "lesions",
     "GreenPixelDataModule": "toy",
     "MotionDataModule": "toy",
+    "ImageFolderWithMasks": "folder",
+    "CSVImageDataset": "folder",
+    "DictTensorDataset": "folder",
+    "ImageDataModule": "folder",
 }
 
 __all__ = sorted(_LAZY)

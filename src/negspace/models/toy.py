@@ -28,7 +28,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GreenPixelNet", "MotionDetector"]
+__all__ = ["GreenPixelNet", "MotionDetector", "PointwiseConv2d"]
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1×1, stride-1, unpadded ``nn.Conv2d`` evaluated as an einsum.
+
+    Same parameters, hooks and results as ``nn.Conv2d``; written out because PyTorch's oneDNN CPU path is
+    ~7× slower for these tiny channel counts (measured: 0.14 s vs 0.02 s per fwd+bwd of a 256×3×32×32 batch).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.einsum("bchw,oc->bohw", x, self.weight[:, :, 0, 0])
 
 
 class GreenPixelNet(nn.Module):
@@ -42,9 +56,9 @@ class GreenPixelNet(nn.Module):
 
     def __init__(self, final_relu: bool = False) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 2, 1, bias=False)
+        self.conv1 = PointwiseConv2d(3, 2)
         self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(2, 2, 1, bias=False)
+        self.conv2 = PointwiseConv2d(2, 2)
         self.final = nn.ReLU() if final_relu else nn.Identity()
         self.gap = nn.AdaptiveAvgPool2d(1)
 
