@@ -12,9 +12,14 @@ alike) and the ratios the issue asks for:
 * our ``prior_loss`` (one forward, K = 2 backwards batched with ``is_grads_batched``) vs a naive per-class
   loop (one full forward + attribution backward per class), both for presence+absence.
 
-Peak memory: tracemalloc does not see torch's CPU allocations, so each (model, variant) runs in a fresh
-subprocess that reports the growth of ``ru_maxrss`` (peak resident set) from just before the first step
-to after two steps — the extra memory the step needs on top of model, optimizer state and data.
+Peak memory: tracemalloc does not see torch's CPU allocations (they bypass Python's allocator), and
+``ru_maxrss`` cannot be reset, so it would only show the largest variant. Instead, per variant: free the
+allocator's cached heap (``malloc_trim``), reset the kernel's high-water mark (``/proc/self/clear_refs``
+← 5), run one step and report ``VmHWM − VmRSS`` — the extra resident memory the step needs on top of
+model, optimizer state and data (Linux only; skipped elsewhere).
+
+``*_shared`` variants are ``AttributionPrior(share_forward=True)``: the prior differentiates the logits of
+the training forward, so the loss and the prior share one forward and one backward through it.
 
 Threads default to 1: the benchmark machine is shared and oversubscribed OpenMP threads made timings
 10–30× noisier; ratios are what matters.
@@ -23,21 +28,26 @@ Threads default to 1: the benchmark machine is shared and oversubscribed OpenMP 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
+import contextlib
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from negspace.priors import attribution_prior, prior_loss
+from negspace.priors import attribution_prior, compute_prior_from_logits, prior_loss
 
 B, HW, PATCH = 32, 64, 16
-VARIANTS = ("plain", "presence", "presence_half", "presence_absence", "naive_presence_absence")
+VARIANTS = (
+    "plain",
+    "presence",
+    "presence_half",
+    "presence_absence",
+    "naive_presence_absence",
+    "presence_shared",
+    "presence_absence_shared",
+)
 
 
 def build(model_name: str) -> torch.nn.Module:
@@ -89,28 +99,51 @@ def make_steps(model, opt) -> dict[str, Callable[[], None]]:
 
         return run
 
+    def shared(mode: str) -> Callable[[], None]:
+        """``AttributionPrior(share_forward=True)``: the prior differentiates the training forward's logits."""
+
+        def run() -> None:
+            opt.zero_grad(set_to_none=True)
+            xr = x.detach().requires_grad_(True)
+            logits = model(xr)
+            loss = F.cross_entropy(logits, y) + compute_prior_from_logits(logits, xr, y, full, mode=mode).loss
+            loss.backward()
+            opt.step()
+
+        return run
+
     return {
         "plain": step(None),
         "presence": step(lambda: prior_loss(model, x, y, full, mode="presence")),
         "presence_half": step(lambda: prior_loss(model, x, y, half, mode="presence")),
         "presence_absence": step(lambda: prior_loss(model, x, y, full, mode="presence_absence")),
         "naive_presence_absence": step(lambda: naive_prior(model, x, y, full)),
+        "presence_shared": shared("presence"),
+        "presence_absence_shared": shared("presence_absence"),
     }
 
 
 def check_equal(model) -> float:
     """Our batched prior equals the naive per-class loop (and IxG = IG on the X-model is tested elsewhere)."""
     x, y, full, _ = data()
-    ours = prior_loss(model, x, y, full, mode="presence_absence")
-    naive = naive_prior(model, x, y, full)
-    return abs(float(ours) - float(naive)) / max(abs(float(naive)), 1e-12)
+    ours = float(prior_loss(model, x, y, full, mode="presence_absence").detach())
+    naive = float(naive_prior(model, x, y, full).detach())
+    return abs(ours - naive) / max(abs(naive), 1e-12)
 
 
-def time_model(model_name: str, repeats: int) -> dict[str, float]:
+def time_model(model_name: str, repeats: int, with_memory: bool) -> tuple[dict[str, float], dict[str, float]]:
     model = build(model_name).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     steps = make_steps(model, opt)
-    for fn in steps.values():  # warm-up
+    steps["plain"]()  # allocates Adam's state, so that it is not counted as step memory
+    mem = {}
+    for name, fn in steps.items():  # warm-up; doubles as the memory measurement
+        if with_memory:
+            try:
+                mem[name] = peak_step_memory_mb(fn)
+                continue
+            except OSError:  # not Linux / no /proc
+                with_memory = False
         fn()
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(repeats):
@@ -118,62 +151,47 @@ def time_model(model_name: str, repeats: int) -> dict[str, float]:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, mem
 
 
-def memory_child(model_name: str, variant: str, threads: int) -> None:
-    torch.set_num_threads(threads)
-    model = build(model_name).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    fn = make_steps(model, opt)[variant]
-    with torch.no_grad():  # touch model and data once so they are resident before measuring
-        model(data()[0][:2])
-    for p in model.parameters():  # Adam state allocated lazily: count it as baseline, not as step memory
-        opt.state[p]["exp_avg"] = torch.zeros_like(p)
-        opt.state[p]["exp_avg_sq"] = torch.zeros_like(p)
-        opt.state[p]["step"] = torch.tensor(0.0)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_step_memory_mb(fn: Callable[[], None]) -> float:
+    """Peak resident-set growth of one step (Linux): free cached heap (malloc_trim), reset the high-water
+    mark (``echo 5 > /proc/self/clear_refs``), run the step, read ``VmHWM − VmRSS(before)``."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_kb("VmRSS")
     fn()
-    fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": (after - before) / 1024}))
-
-
-def memory(model_name: str, threads: int) -> dict[str, float]:
-    procs = {
-        v: subprocess.Popen(
-            [sys.executable, __file__, "--child", model_name, v, "--threads", str(threads)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for v in VARIANTS
-    }
-    out = {}
-    for v, p in procs.items():
-        stdout, _ = p.communicate(timeout=600)
-        out[v] = json.loads(stdout.strip().splitlines()[-1])["peak_mb"] if p.returncode == 0 else float("nan")
-    return out
+    return (_rss_kb("VmHWM") - before) / 1024
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 repeats instead of 5")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--quick", action="store_true", help="2 repeats instead of 3")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="resnet18,xresnet18")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        memory_child(*args.child, args.threads)
-        return
     torch.set_num_threads(args.threads)
-    repeats = 3 if args.quick else 5
+    repeats = 2 if args.quick else 3
     print(f"batch {B}x3x{HW}x{HW}, 2 classes, {PATCH}x{PATCH} masks, torch {torch.__version__}, "
           f"{args.threads} thread(s), median of {repeats} interleaved repeats; input x gradient attributions")
     for name in args.models.split(","):
-        med = time_model(name, repeats)
+        med, mem = time_model(name, repeats, not args.no_memory)
         rel = check_equal(build(name).train())
-        mem = {} if args.no_memory else memory(name, args.threads)
         print(f"\n== {name} ==  (ours vs naive loss: rel. diff {rel:.1e})")
         print(f"{'variant':<26}{'median s/step':>14}{'x plain':>9}{'peak MB':>10}")
         for v in VARIANTS:
@@ -187,6 +205,9 @@ def main() -> None:
         print(f"presence, half unmasked / plain  {ph:5.2f}x  (target <= 1.8x)")
         print(f"presence+absence / presence      {pa:5.2f}x  (target <= 1.5x)")
         print(f"naive per-class loop / ours      {nv:5.2f}x  (presence+absence step)")
+        sp = med["presence_shared"] / med["plain"]
+        sa = med["presence_absence_shared"] / med["presence_shared"]
+        print(f"share_forward: presence / plain  {sp:5.2f}x,  presence+absence / presence {sa:5.2f}x")
 
 
 if __name__ == "__main__":
