@@ -32,7 +32,6 @@ DataLoader) and the results are gathered so that every rank returns the full dat
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -439,7 +438,3 @@ def compute_contributions(
         rows = _gather_tensors(rows)
     return ContributionSet(rows)
 
-
-def num_shards(n_rows: int, rows_per_shard: int) -> int:
-    """Number of shards ``n_rows`` rows occupy."""
-    return math.ceil(n_rows / rows_per_shard)
