@@ -156,3 +156,47 @@ def test_create_model_checkpoint_roundtrip(tmp_path) -> None:
     m2 = create_model("xsmallcnn", 2, checkpoint=str(path))
     x = torch.rand(1, 3, 16, 16)
     torch.testing.assert_close(m(x), m2(x))
+
+
+def test_green_pixel_net_learns_the_absence_encoding() -> None:
+    """Paper 000 §5.2: trained in plain torch it reaches > 0.9 and output 1 encodes the green pixel's absence."""
+    import torch.nn.functional as F
+
+    from negspace.data_modules.toy import green_pixel_images
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        x, y, _ = green_pixel_images(1024, size=16, seed=0)
+        xt, yt, _ = green_pixel_images(512, size=16, seed=1)
+        m = GreenPixelNet()
+        opt = torch.optim.Adam(m.parameters(), lr=0.05, weight_decay=1e-4)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(300):
+            idx = torch.randint(0, len(x), (128,), generator=g)
+            loss = F.binary_cross_entropy_with_logits(m(x[idx]), F.one_hot(y[idx], 2).float())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out = m(xt)
+    finally:
+        torch.set_num_threads(threads)
+    assert (out.argmax(1) == yt).float().mean() > 0.9
+    # Fig. 4 (c): output 1 is positive without a green pixel and negative with one
+    assert out[yt == 1, 1].mean() > 0 > out[yt == 0, 1].mean()
+    # Fig. 4 (b): one hidden channel reacts to green, the other to red/blue; output 1 has a positive weight
+    # on the red/blue channel and a negative one on the green channel
+    w1, w2 = m.conv1.weight.detach().view(2, 3), m.conv2.weight.detach().view(2, 2)
+    green = int(w1[:, 1].argmax())
+    rb = 1 - green
+    assert w1[green, 1] > 0 and w1[rb, 0] > 0 and w1[rb, 2] > 0
+    assert w2[1, rb] > 0 > w2[1, green]
+    assert w2[0, green] > 0
+
+
+def test_green_pixel_net_init_arg() -> None:
+    with pytest.raises(ValueError, match="init"):
+        GreenPixelNet(init="xavier")
+    assert (GreenPixelNet().conv1.weight >= 0.1).all()

