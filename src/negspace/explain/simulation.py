@@ -162,12 +162,19 @@ class _Runner:
         self.device = _device_of(model)
 
     def base(self) -> tuple[Tensor, Tensor]:
-        """``(logits (N, K), summaries (N, D))`` without any edit."""
+        """``(logits (N, K), summaries (N, D))`` without any edit; sets ``self.act_ndim``."""
         logits, summ = [], []
+        self.act_ndim = 0
         with torch.no_grad(), capture(self.model, self.layer, detach=True) as cap:
             for i in range(0, len(self.x), self.bs):
-                logits.append(self.model(self.x[i : i + self.bs].to(self.device)).float().cpu())
-                summ.append(summarize(cap.activations[self.layer], self.reduce).float().cpu())
+                out = self.model(self.x[i : i + self.bs].to(self.device))
+                if not isinstance(out, Tensor) or out.ndim != 2:
+                    raise TypeError(f"model must return logits (B, K), got {type(out).__name__} "
+                                    f"{tuple(out.shape) if isinstance(out, Tensor) else ''}")
+                logits.append(out.float().cpu())
+                act = cap.activations[self.layer]
+                self.act_ndim = act.ndim
+                summ.append(summarize(act, self.reduce).float().cpu())
         return torch.cat(logits), torch.cat(summ)
 
     def losses(self, neuron: int, values: Tensor, rows: Tensor, *, grad: bool = False) -> Tensor:
@@ -188,17 +195,16 @@ def _ce(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
-def _fast_head(model: nn.Module, layer: str, head: str | None, x: Tensor, reduce: str) -> nn.Linear | None:
-    """The linear head when ``model(x) == head(mean-pool(layer(x)))`` holds on ``x``, else ``None``."""
-    if reduce == "cls":
-        return None
-    d_out = None
-    with torch.no_grad(), capture(model, layer, detach=True) as cap:
-        logits = model(x.to(_device_of(model)))
-        act = cap.activations[layer]
-    if act.ndim == 3:  # token layers: mean over tokens is rarely what the head sees; use the general path
-        return None
-    d_out = act.shape[1]
+def _fast_head(model: nn.Module, head: str | None, logits: Tensor, q: Tensor, act_ndim: int,
+               reduce: str) -> nn.Linear | None:
+    """The linear head when ``logits == head(mean-pool(layer output))`` holds on all the data, else ``None``.
+
+    ``q`` are the mean summaries of the base pass (= the mean-pooled layer output for 2-D/4-D layers), so the
+    check needs no extra forward pass.
+    """
+    if reduce != "mean" or act_ndim not in (2, 4):
+        return None  # token layers: what the head sees is not the mean over tokens in general
+    d_out = q.shape[1]
     if head is not None:
         mod = get_layer(model, head)
         if not isinstance(mod, nn.Linear):
@@ -206,11 +212,11 @@ def _fast_head(model: nn.Module, layer: str, head: str | None, x: Tensor, reduce
         cands = [mod]
     else:
         cands = [m for m in model.modules() if isinstance(m, nn.Linear) and m.in_features == d_out][-1:]
-    pooled = act.flatten(2).mean(2) if act.ndim > 2 else act
     for m in cands:
-        if m.in_features != d_out or not isinstance(logits, Tensor) or logits.shape[-1] != m.out_features:
+        if m.in_features != d_out or logits.shape[-1] != m.out_features:
             continue
-        pred = F.linear(pooled, m.weight, m.bias)
+        with torch.no_grad():
+            pred = F.linear(q.to(m.weight), m.weight, m.bias).float().cpu()
         if torch.allclose(pred, logits, rtol=1e-4, atol=1e-5 * float(logits.abs().max().clamp_min(1.0))):
             return m
     return None
@@ -309,15 +315,15 @@ def ablation_score(
     model.eval()
     try:
         runner = _Runner(model, layer, x, y, reduce=reduce, batch_size=batch_size, loss_fn=loss_fn)
+        logits, q = runner.base()
         lin = None
         if fast is not False:
-            lin = _fast_head(model, layer, head, x[: min(n, batch_size)], reduce)
+            lin = _fast_head(model, head, logits, q, runner.act_ndim, reduce)
             if lin is None and fast:
                 raise ValueError(
                     f"fast=True but the model output is not a linear head applied to the mean-pooled output of "
                     f"{layer!r} (head={head!r}); use fast=None/False"
                 )
-        logits, q = runner.base()
         if max(neurons) >= q.shape[1]:
             raise ValueError(f"neuron index {max(neurons)} out of range for layer {layer!r} with {q.shape[1]} neurons")
         l_base = loss_fn(logits, y)
@@ -437,10 +443,10 @@ def top_impact(
     model.eval()
     try:
         runner = _Runner(model, layer, x, y, reduce=reduce, batch_size=batch_size, loss_fn=loss_fn)
-        lin = None if fast is False else _fast_head(model, layer, head, x[: min(n, batch_size)], reduce)
+        logits, q = runner.base()
+        lin = None if fast is False else _fast_head(model, head, logits, q, runner.act_ndim, reduce)
         if lin is None and fast:
             raise ValueError(f"fast=True but {layer!r} does not feed a linear head through average pooling")
-        logits, q = runner.base()
         ks = list(range(q.shape[1])) if neurons is None else [int(k) for k in neurons]
         l_base = loss_fn(logits, y).double()
         correct = (logits.argmax(1) == y).double()
