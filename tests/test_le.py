@@ -280,6 +280,35 @@ def test_ablation_mlp_general_path():
     assert ablation_score(net, "fc2", 2, half, (x, y), concepts=q, scaling="norm") == pytest.approx(1.0, abs=1e-6)
 
 
+class _TokenNet(nn.Module):
+    """(B, T, 4) tokens -> MLP (the explained layer "mlp", (B, T, 6)) -> head on the CLS token."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Linear(4, 6)
+        self.head = nn.Sequential(nn.GELU(), nn.Linear(6, 3))
+
+    def forward(self, x):
+        return self.head(self.mlp(x)[:, 0])
+
+
+def test_token_layers_cls_summary_and_ablation():
+    torch.manual_seed(0)
+    net = _TokenNet()
+    x = torch.randn(150, 5, 4)
+    y = torch.randint(0, 3, (150,))
+    q = activation_summary(net, "mlp", x, reduce="cls")
+    with torch.no_grad():
+        torch.testing.assert_close(q, net.mlp(x)[:, 0])
+    torch.testing.assert_close(activation_summary(net, "mlp", x, reduce="mean"), net.mlp(x).mean(1).detach())
+    e = Explanation(["q"], [1.0], 0.0, 1.0, [1], 1, n_samples=150)
+    assert ablation_score(net, "mlp", 1, e, (x, y), concepts=q, scaling="none", reduce="cls") == pytest.approx(1.0)
+    m = Explanation([], [], float(q[:, 1].mean()), 0.0, [], 1, n_samples=150)
+    assert ablation_score(net, "mlp", 1, m, (x, y), concepts=q, scaling="none", reduce="cls") == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="fast=True"):
+        ablation_score(net, "mlp", 1, e, (x, y), concepts=q, reduce="cls", fast=True)
+
+
 def test_top_impact_fast_equals_rerun_and_hand_computation():
     net, x, y, q = _pool_data(120)
     betas = (0.1, 0.5, 1.0)
