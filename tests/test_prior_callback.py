@@ -57,12 +57,14 @@ class Module(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
 
 
-def make_data(num_classes: int = 2, n: int = B * N_BATCHES, seed: int = 0):
+def make_data(num_classes: int = 2, n: int = B * N_BATCHES, seed: int = 0, all_masked: bool = False):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 3, HW, HW, generator=g)
     y = torch.arange(n) % num_classes
     mask = torch.zeros(n, 1, HW, HW)
     mask[y == 0, :, :3, :3] = 1.0  # spurious patch on class-0 samples only (half the batch unmasked)
+    if all_masked:
+        mask[y != 0, :, 3:, 3:] = 1.0
     x[y == 0, :, :3, :3] = 0.9
     return x, y, mask
 
@@ -80,8 +82,9 @@ class DictData(Dataset):
         return {"image": self.x[i], "label": self.y[i], "mask": self.mask[i], "group": 0}
 
 
-def loader(num_classes=2, as_tuple=False):
-    return DataLoader(DictData(*make_data(num_classes), as_tuple=as_tuple), batch_size=B, shuffle=False)
+def loader(num_classes=2, as_tuple=False, all_masked=False):
+    data = DictData(*make_data(num_classes, all_masked=all_masked), as_tuple=as_tuple)
+    return DataLoader(data, batch_size=B, shuffle=False)
 
 
 def trainer(callbacks, **kw):
@@ -99,12 +102,12 @@ def trainer(callbacks, **kw):
 
 
 def reference(lam, *, mode="presence_absence", epochs=1, accumulate=1, autocast=None, scaler=None, num_classes=2,
-              non_target="complement", gen_seed=None, bn=True):
+              non_target="complement", gen_seed=None, bn=True, all_masked=False):
     """Plain PyTorch loop: loss = CE + λ·prior_loss (prior with autocast off)."""
     module = Module(num_classes, bn=bn)
     module.train()
     opt = module.configure_optimizers()
-    x, y, mask = make_data(num_classes)
+    x, y, mask = make_data(num_classes, all_masked=all_masked)
     gen = torch.Generator().manual_seed(gen_seed) if gen_seed is not None else None
     i = 0
     for _ in range(epochs):
@@ -229,22 +232,56 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
                       rtol=1e-5, atol=1e-6)
 
 
-def test_share_forward_equals_separate_pass_without_batchnorm():
-    module = Module(bn=False)
+def _count_net_calls(module):
     calls = []
     module.net.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
-    tr = trainer([AttributionPrior(lam=3.0, share_forward=True)])
-    tr.fit(module, loader())
+    return calls
+
+
+@pytest.mark.parametrize("share", ["auto", True])
+def test_shared_forward_equals_separate_pass_without_batchnorm(share):
+    module = Module(bn=False)
+    calls = _count_net_calls(module)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(batch["image"].requires_grad)
+
+    tr = trainer([AttributionPrior(lam=3.0, share_forward=share), Spy()])
+    tr.fit(module, loader(all_masked=True))
     assert calls == [B] * N_BATCHES  # one (shared) forward per step, no separate prior pass
-    assert_same_state(module, reference(3.0, bn=False), rtol=1e-5, atol=1e-6)
+    assert seen == [False] * N_BATCHES  # the user's batch tensors are not modified
+    assert_same_state(module, reference(3.0, bn=False, all_masked=True), rtol=1e-5, atol=1e-6)
     assert "attribution_prior/mass_in_mask" in tr.callback_metrics
-    # under autocast it falls back to the separate full-precision pass, with a warning
+
+
+def test_shared_forward_fallbacks():
+    # auto + train-mode BatchNorm: separate pass on the masked samples (2 of 4 per batch)
+    module = Module()
+    calls = _count_net_calls(module)
+    fit(AttributionPrior(lam=3.0), module)
+    assert calls == [B, B // 2] * N_BATCHES
+    # auto + no BatchNorm but only half the batch masked: separate pass on the masked half is as cheap
+    module = Module(bn=False)
+    calls = _count_net_calls(module)
+    fit(AttributionPrior(lam=3.0), module)
+    assert calls == [B, B // 2] * N_BATCHES
+    # share_forward=True with half masked: shared
+    module = Module(bn=False)
+    calls = _count_net_calls(module)
+    fit(AttributionPrior(lam=3.0, share_forward=True), module)
+    assert calls == [B] * N_BATCHES
+    assert_same_state(module, reference(3.0, bn=False), rtol=1e-5, atol=1e-6)
+    # under autocast it falls back to the separate full-precision pass (with a warning when asked for)
     module = Module(bn=False)
     with pytest.warns(UserWarning, match="falls back"):
         fit(AttributionPrior(lam=3.0, share_forward=True), module, precision="bf16-mixed")
     assert_same_state(module, reference(3.0, autocast=torch.bfloat16, bn=False), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="share_forward"):
         AttributionPrior(share_forward=True, method="integrated_gradients")
+    with pytest.raises(ValueError, match="share_forward"):
+        AttributionPrior(share_forward="yes")
 
 
 # --------------------------------------------------------------------------------- wrapper lifecycle

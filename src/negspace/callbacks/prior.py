@@ -131,15 +131,18 @@ class AttributionPrior(Callback):
             model or its attributions have diverged. ``"skip"``: warn and train that step without the prior.
         seed: seeds the generator of ``non_target="sample:K"`` (offset by the global rank); its state is
             checkpointed so resumed runs draw the same classes.
-        share_forward: input×gradient only. Instead of its own forward pass, the prior differentiates the
-            logits of the forward your ``training_step`` runs on the batch image (captured with a forward
-            hook on the attributed module; the image is set to ``requires_grad``), so the prior and the loss
-            share one forward and one backward through it — markedly cheaper (see docs/priors.md). Equal to
-            the default path for models whose samples do not interact (no train-mode BatchNorm); with
-            train-mode BatchNorm the attributions are those of the training forward (full-batch
-            statistics). Falls back to the separate pass (with a warning) when autocast is active and
-            ``allow_autocast=False``, when ``forward`` is a callable, or when the module is not called on
-            the batch's image tensor itself (e.g. augmentation inside ``training_step``).
+        share_forward: ``"auto"`` (default), ``True`` or ``False``. When sharing, the prior does not run its
+            own forward pass: a forward pre-hook on the attributed module swaps the batch image for a
+            ``requires_grad`` copy (same values; your tensors are never modified) and the prior
+            differentiates the logits of the forward your ``training_step`` runs, so loss and prior share
+            one forward and one backward through it (≈ 30 % less time per step, see docs/priors.md).
+            Input×gradient only. ``"auto"`` shares only when this is exactly the default computation:
+            no train-mode BatchNorm (batch statistics couple the samples) and no active dropout/drop-path
+            in the attributed model (e.g. X-models), no autocast (unless ``allow_autocast``), and the
+            module is called on the batch's image tensor itself, and more than half of the batch is
+            masked (below that, attributing only the masked samples separately is as cheap); otherwise it
+            silently uses the separate pass. ``True`` also shares with train-mode BatchNorm (the attributions are then those of the
+            training forward, with full-batch statistics) and warns when it has to fall back.
         name: log prefix (``<name>/penalty``, ``<name>/mass_in_mask``, ``<name>/lam``) and part of
             ``state_key``; give distinct names to several instances with the same settings.
 
@@ -171,7 +174,7 @@ class AttributionPrior(Callback):
         keep_norm_stats: bool = True,
         on_nan: str = "raise",
         seed: int = 0,
-        share_forward: bool = False,
+        share_forward: bool | str = "auto",
         name: str = "attribution_prior",
     ) -> None:
         super().__init__()
@@ -213,12 +216,14 @@ class AttributionPrior(Callback):
         self.on_nan = on_nan
         self.seed = int(seed)
         self.name = name
-        self.share_forward = bool(share_forward)
-        if self.share_forward and (method != "input_x_gradient" or callable(forward)):
+        if share_forward not in (True, False, "auto"):
+            raise ValueError(f"share_forward must be True, False or 'auto', got {share_forward!r}")
+        if share_forward is True and (method != "input_x_gradient" or callable(forward)):
             raise ValueError(
                 "share_forward=True needs method='input_x_gradient' and forward=None or a dotted path to a "
                 f"module; got method={method!r}, forward={forward!r}"
             )
+        self.share_forward = share_forward
         self._captured: dict[str, Any] | None = None
         self._warned: set[str] = set()
         self.generator: torch.Generator | None = None
@@ -330,43 +335,63 @@ class AttributionPrior(Callback):
 
     @contextlib.contextmanager
     def _capture(self, module: LightningModule, batch: Any) -> Iterator[None]:
-        """With ``share_forward``: hook the attributed module and keep its output for the batch image."""
+        """Shared forward: while the user's ``training_step`` runs, feed the attributed module a
+        ``requires_grad`` copy of the batch image and keep the logits it returns."""
         self._captured = None
-        if not self.share_forward or self.effective_lam(self._step(module)) == 0.0:
+        share = self.share_forward
+        if share is False or self.method != "input_x_gradient" or callable(self.forward):
+            yield
+            return
+        if self.effective_lam(self._step(module)) == 0.0:
             yield
             return
         x, _, mask = self._extract(batch)
-        if isinstance(mask, Tensor) and mask.numel() and not bool(mask.detach().flatten().any()):
-            yield  # nothing masked: no prior, do not touch the image
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            yield
             return
+        if isinstance(mask, Tensor) and mask.dim() >= 1 and mask.shape[0] == x.shape[0]:
+            masked = float(mask.detach().flatten(1).any(1).float().mean())
+            # nothing masked: no prior. "auto" with at most half the batch masked: the separate pass on the
+            # masked samples costs about as much as the shared full-batch backward (benchmarks/priors.py)
+            if masked == 0.0 or (share == "auto" and masked <= 0.5):
+                yield
+                return
         if not self.allow_autocast and torch.is_autocast_enabled(x.device.type):
-            self._warn_once("autocast", "share_forward falls back to a separate forward pass under autocast "
-                            "(the prior is computed in full precision; pass allow_autocast=True to share)")
+            if share is True:
+                self._warn_once("autocast", "share_forward falls back to a separate forward pass under autocast "
+                                "(the prior is computed in full precision; pass allow_autocast=True to share)")
             yield
             return
         target = self._attributed(module).fn
-        if not isinstance(target, nn.Module) or not isinstance(x, Tensor) or not x.is_floating_point():
+        if not isinstance(target, nn.Module):
+            if share is True:
+                self._warn_once("module", f"share_forward needs forward= to name a module, got {self.forward!r}")
             yield
             return
-        if not x.requires_grad:
-            if not x.is_leaf:
-                yield
-                return
-            x.requires_grad_(True)
-        slot: dict[str, Any] = {"x": x}
+        if share == "auto" and not samples_independent(target):
+            yield
+            return
+        slot: dict[str, Any] = {}
+
+        def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            if "x" not in slot and args and args[0] is x:
+                slot["x"] = x.detach().requires_grad_(True)
+                return (slot["x"], *args[1:])
+            return None
 
         def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            if "out" not in slot and args and args[0] is x:
+            if "out" not in slot and "x" in slot and args and args[0] is slot["x"]:
                 slot["out"] = out
 
-        handle = target.register_forward_hook(hook)
+        handles = [target.register_forward_pre_hook(pre_hook), target.register_forward_hook(hook)]
         try:
             yield
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
         if "out" in slot:
             self._captured = slot
-        else:
+        elif share is True:
             self._warn_once("miss", "share_forward: the attributed module was not called on the batch image "
                             "tensor in training_step; using a separate forward pass instead")
 
@@ -384,11 +409,11 @@ class AttributionPrior(Callback):
             else torch.autocast(device_type=x.device.type, enabled=False)
         )
         norm = frozen_norm_stats(module) if self.keep_norm_stats else contextlib.nullcontext()
-        if captured is not None and captured["x"] is x:
+        if captured is not None:
             logits = _LogitsOf(lambda _x: captured["out"], self.output_key)(x)
             with autocast:
                 result = compute_prior_from_logits(
-                    logits, x, y, mask, mode=self.mode, non_target=self.non_target, generator=self.generator
+                    logits, captured["x"], y, mask, mode=self.mode, non_target=self.non_target, generator=self.generator
                 )
         else:
             with autocast, norm:
@@ -514,6 +539,20 @@ class _LogitsOf:
         if not isinstance(out, Tensor):
             raise TypeError(f"the attributed model must produce a logits Tensor, got {type(out).__name__}")
         return out
+
+
+def samples_independent(model: nn.Module) -> bool:
+    """True if, as currently set up, ``model``'s forward treats samples independently and deterministically:
+    no BatchNorm using batch statistics (train mode, or no running stats) and no active dropout/drop-path.
+    Then the shared forward computes exactly what a separate attribution pass would."""
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or not mod.track_running_stats):
+            return False
+        if mod.training and "drop" in type(mod).__name__.lower():
+            rate = getattr(mod, "p", getattr(mod, "drop_prob", None))
+            if rate is None or rate > 0:
+                return False
+    return True
 
 
 def _parse_batch_keys(batch_keys: object) -> dict[str, str | int] | Callable[[Any], Any]:
