@@ -18,8 +18,12 @@ allocator's cached heap (``malloc_trim``), reset the kernel's high-water mark (`
 ← 5), run one step and report ``VmHWM − VmRSS`` — the extra resident memory the step needs on top of
 model, optimizer state and data (Linux only; skipped elsewhere).
 
-``*_shared`` variants are ``AttributionPrior(share_forward=True)``: the prior differentiates the logits of
-the training forward, so the loss and the prior share one forward and one backward through it.
+Variants without suffix are the separate attribution pass (``prior_loss``; what ``AttributionPrior`` does
+for models with train-mode BatchNorm such as the timm ResNet-18). ``*_shared`` variants are
+``AttributionPrior(share_forward=True)`` — the default ``"auto"`` choice for BN-free models such as the
+X-ResNet when more than half the batch is masked: the prior differentiates the logits of the training
+forward, so the loss and the prior share one forward and one backward through it. With half the batch
+unmasked, "auto" uses the separate pass on the masked half (``presence_half``).
 
 Threads default to 1: the benchmark machine is shared and oversubscribed OpenMP threads made timings
 10–30× noisier; ratios are what matters.
