@@ -124,6 +124,16 @@ def test_fast_path_equals_autograd_conv(reduce):
         torch.testing.assert_close(raw.abs().sum(-1) > 0, fast.abs().sum(-1).round() == 1)
 
 
+def test_fast_auto_falls_back_when_layer_is_not_applied_to_circuit_layer():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Conv2d(5, 2, 3))
+    x = torch.randn(2, 3, 8, 8)
+    auto = circuits(model, "2", "0", x, [0, 1], fast="auto")  # conv "2" reads relu("0"), not "0"
+    torch.testing.assert_close(auto, circuits(model, "2", "0", x, [0, 1], fast=False))
+    with pytest.raises(ValueError, match="applied directly"):
+        circuits(model, "2", "0", x, 0, fast=True)
+
+
 @pytest.mark.parametrize("tokens", [False, True])
 def test_fast_path_equals_autograd_linear(tokens):
     torch.manual_seed(2)

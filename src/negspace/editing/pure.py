@@ -343,9 +343,11 @@ def _fast_rows(
     return torch.cat(parts)
 
 
-def _fast_forward(model: nn.Module, layer: str, circuit_layer: str, x: Tensor) -> tuple[nn.Module, Tensor, Tensor]:
-    """Run until ``layer``; return (module, its input, its output) after checking that the input is the
-    output of ``circuit_layer``."""
+def _fast_forward(
+    model: nn.Module, layer: str, circuit_layer: str, x: Tensor, strict: bool
+) -> tuple[nn.Module, Tensor, Tensor] | None:
+    """Run until ``layer``; return (module, its input, its output) if the input is the output of
+    ``circuit_layer``; otherwise raise (``strict``) or return ``None``."""
     module = get_layer(model, layer)
     seen: dict[str, Tensor] = {}
 
@@ -367,6 +369,8 @@ def _fast_forward(model: nn.Module, layer: str, circuit_layer: str, x: Tensor) -
     a = cap.activations.get(circuit_layer)
     inp = seen.get("input")
     if a is None or inp is None or a.shape != inp.shape or not torch.equal(a, inp.detach()):
+        if not strict:
+            return None
         raise ValueError(
             f"fast=True needs layer {layer!r} to be applied directly to the output of circuit_layer "
             f"{circuit_layer!r}; its input differs (use fast='auto' or False for the autograd path)"
@@ -487,7 +491,9 @@ def circuit_rows(
         if _fast_possible(model, layer, circuit_layer, fast):
             with torch.no_grad():
                 uniq, inv = sample.unique(return_inverse=True)
-                module, a, out = _fast_forward(model, layer, circuit_layer, x[uniq].to(device))
+                got = _fast_forward(model, layer, circuit_layer, x[uniq].to(device), strict=fast is True)
+            if got is not None:  # "auto" falls back to autograd when layer is not applied to circuit_layer
+                module, a, out = got
                 _check_neurons(unit, _num_channels(out), layer)
                 return _fast_rows(module, a, out, inv.to(out.device), unit.to(out.device), reduce)
         parts = []
