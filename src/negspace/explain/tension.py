@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from negspace.attribution import input_x_gradient, integrated_gradients, layer_contributions
 from negspace.attribution._core import check_input, forward_objective
+from negspace.attribution.reduce import channel_dim
 from negspace.hooks import capture, get_layer, run_until
 from negspace.objectives import Objective, _channels_last, _reduce_space, direction, neuron
 
@@ -76,7 +77,7 @@ def as_feature(model: nn.Module, feature: Feature) -> Objective:
 
 
 def _check_feature_width(feature: Objective, act: Tensor) -> None:
-    c = act.shape[reduce_channel_dim(act)]
+    c = act.shape[channel_dim(act)]
     if isinstance(feature, neuron):
         idx = torch.as_tensor(feature.index).flatten()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= c):
@@ -88,10 +89,6 @@ def _check_feature_width(feature: Objective, act: Tensor) -> None:
         raise ValueError(
             f"feature: direction has {feature.vector.numel()} entries but layer {feature.layer!r} has {c} channels"
         )
-
-
-def reduce_channel_dim(t: Tensor) -> int:
-    return -1 if t.dim() == 3 else 1
 
 
 def _images_from_batch(batch: object, key: str | int = 0) -> Tensor:
@@ -195,7 +192,7 @@ def phi_maps(s: Tensor) -> tuple[Tensor, Tensor]:
     """``(φ⁺, φ⁻)`` of eq. 3: ``Σ_c ReLU(±S_c)``. ``(B, C, H, W)`` → two ``(B, H, W)``; tokens ``(B, T, D)`` → ``(B, T)``."""
     if s.dim() not in (3, 4):
         raise ValueError(f"phi_maps needs S of shape (B, C, H, W) or (B, T, D), got {tuple(s.shape)}")
-    d = reduce_channel_dim(s)
+    d = channel_dim(s)
     return s.clamp(min=0).sum(d), (-s).clamp(min=0).sum(d)
 
 
