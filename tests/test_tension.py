@@ -33,6 +33,7 @@ from negspace.explain import (
     uniqueness,
     visualize,
 )
+from negspace.explain.atlas import embed_2d, grid_average
 from negspace.explain.featureviz import FourierImage
 from negspace.explain.tension import channel_values
 from negspace.hooks import hook_count
@@ -298,6 +299,14 @@ def test_atlas_pca_saves_png(green, tmp_path):
     assert sum(c for _, c in atlas.cells.values()) == 40
     assert (tmp_path / "atlas.png").stat().st_size > 0
     assert np.isfinite(list(atlas.icon_values.values())).all()
+    # fallback layouts: t-SNE on request, PCA keeps the variance order
+    coords, used = embed_2d(res.s[:30].flatten(2).sum(2), method="tsne")
+    assert used == "tsne" and coords.shape == (30, 2)
+    v = torch.randn(50, 4) * torch.tensor([10.0, 3.0, 0.1, 0.1])
+    coords, _ = embed_2d(v, method="pca")
+    assert coords[:, 0].std() > coords[:, 1].std() > 0
+    cells = grid_average(np.array([[0.0, 0.0], [1.0, 1.0], [0.1, 0.0]]), torch.tensor([[1.0], [5.0], [3.0]]), 2)
+    assert cells[(0, 0)][1] == 2 and cells[(0, 0)][0].item() == 2.0 and cells[(1, 1)][0].item() == 5.0
 
 
 # ------------------------------------------------------------------------------------------------- callback
