@@ -172,6 +172,11 @@ def test_batched_circuits_equal_per_neuron_loop_also_with_shortcut():
         pairs = torch.tensor([[3, 0], [1, 1], [3, 3]])
         got = circuits(model, layer, circuit_layer, x, pairs, fast=False)
         torch.testing.assert_close(got, loop[torch.arange(3)[:, None], torch.tensor([[2, 0], [1, 1], [2, 2]])])
+    # replicating the block input instead keeps one plain backward despite the shortcut
+    loop = torch.stack([circuits(model, "2", "2.relu", x, k, fast=False) for k in (0, 1, 3)], dim=1)
+    torch.testing.assert_close(circuits(model, "2", "2.relu", x, [0, 1, 3], fast=False, replicate_at="1"), loop)
+    with pytest.raises(ValueError, match="replicate_at"):
+        circuits(model, "2", "2.relu", x, [0, 1, 3], fast=False, replicate_at="2.conv1")
 
 
 @pytest.mark.parametrize("fast", [True, False])

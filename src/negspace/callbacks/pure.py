@@ -54,6 +54,7 @@ class VirtualNeurons(L.Callback):
             the CLIP inter/intra scores of PURE vs activation clustering and the distance correlations.
         figures: save ``<log_dir>/pure/neuron_<k>.png`` (rows: virtual neurons, columns: cropped references).
         max_report: neurons (the first ones) that get CLIP scores and figures.
+        replicate_at: see :func:`negspace.editing.pure.circuit_rows` (a shortcut bypassing the circuit layer).
 
     Logged: ``pure/neuron_<k>/circuit_separation`` (inter − intra distance of circuits), and with an encoder
     ``pure/neuron_<k>/{clip_pure, clip_activation, polysemanticity, corr_pure, corr_activation}``.
@@ -85,6 +86,7 @@ class VirtualNeurons(L.Callback):
         image_key: str = "image",
         dataloader_idx: int = 0,
         seed: int = 0,
+        replicate_at: str | None = None,
     ) -> None:
         super().__init__()
         if not (fit_at in WHEN or (isinstance(fit_at, int) and not isinstance(fit_at, bool) and fit_at >= 0)):
@@ -102,6 +104,7 @@ class VirtualNeurons(L.Callback):
         self.crop_kernel, self.crop_threshold = crop_kernel, crop_threshold
         self.figures, self.n_show, self.max_report = figures, n_show, max_report
         self.batch_size, self.image_key, self.dataloader_idx, self.seed = batch_size, image_key, dataloader_idx, seed
+        self.replicate_at = replicate_at
         self.result: P.VirtualNeurons | None = None
         self.router: P.VirtualNeuronRouter | None = None
         self.scores: dict[str, float] = {}
@@ -126,7 +129,7 @@ class VirtualNeurons(L.Callback):
             vn = P.fit_virtual_neurons(
                 pl_module, self.layer, self.circuit_layer, data, neurons=self.neurons, n_ref=self.n_ref, k=self.k,
                 k_range=self.k_range, reduce=self.reduce, fast=self.fast, batch_size=self.batch_size, seed=self.seed,
-                image_key=self.image_key,
+                image_key=self.image_key, replicate_at=self.replicate_at,
             )
             self.result = vn
             self.scores = self._circuit_scores(vn)

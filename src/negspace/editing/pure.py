@@ -400,6 +400,7 @@ def circuits(
     reduce: str = "max",
     fast: bool | str = "auto",
     normalize: bool = True,
+    replicate_at: str | None = None,
 ) -> Tensor:
     """PURE circuits (paper 004, eq. 3) of ``neurons`` of ``layer`` w.r.t. the channels of ``circuit_layer``.
 
@@ -412,6 +413,7 @@ def circuits(
         fast: ``"auto"`` uses the exact closed form when ``layer`` is an ``nn.Conv2d``/``nn.Linear`` applied to
             ``circuit_layer``'s output (no backward); ``True`` requires it; ``False`` always uses autograd.
         normalize: L1-normalise each circuit (the paper's convention).
+        replicate_at: see :func:`circuit_rows` (only needed when a shortcut bypasses the circuit layer).
     """
     _check_reduce(reduce)
     _check_fast(fast)
@@ -435,7 +437,7 @@ def circuits(
         if lst is None:
             raise TypeError("neurons must not be None")
         sample, unit, shape = torch.arange(b).repeat_interleave(len(lst)), lst.repeat(b), (b, len(lst))
-    c = circuit_rows(model, layer, circuit_layer, x, sample, unit, reduce=reduce, fast=fast)
+    c = circuit_rows(model, layer, circuit_layer, x, sample, unit, reduce=reduce, fast=fast, replicate_at=replicate_at)
     c = l1_normalize(c) if normalize else c
     return c.view(*shape, c.shape[-1])
 
@@ -469,6 +471,7 @@ def circuit_rows(
     reduce: str = "max",
     fast: bool | str = "auto",
     max_rows: int = 512,
+    replicate_at: str | None = None,
 ) -> Tensor:
     """Unnormalised circuits of arbitrary (sample, neuron) pairs: rows ``sample (R,)`` (indices into ``x``)
     and ``unit (R,)`` (channels of ``layer``) → ``(R, C)``.
@@ -500,7 +503,8 @@ def circuit_rows(
         order = sample.argsort(stable=True)
         for lo in range(0, len(order), max_rows):
             rows = order[lo : lo + max_rows]
-            parts.append((rows, _autograd_rows(model, layer, circuit_layer, x, sample[rows], unit[rows], reduce)))
+            c = _autograd_rows(model, layer, circuit_layer, x, sample[rows], unit[rows], reduce, replicate_at)
+            parts.append((rows, c))
     out_rows = torch.empty(len(sample), parts[0][1].shape[-1], dtype=parts[0][1].dtype, device=parts[0][1].device)
     for rows, c in parts:
         out_rows[rows.to(c.device)] = c
@@ -508,27 +512,45 @@ def circuit_rows(
 
 
 def _autograd_rows(
-    model: nn.Module, layer: str, circuit_layer: str, x: Tensor, sample: Tensor, unit: Tensor, reduce: str
+    model: nn.Module,
+    layer: str,
+    circuit_layer: str,
+    x: Tensor,
+    sample: Tensor,
+    unit: Tensor,
+    reduce: str,
+    replicate_at: str | None = None,
 ) -> Tensor:
     uniq, inv = sample.unique(return_inverse=True)
     xs = x[uniq].to(_model_device(model))
     if len(uniq) == len(sample) and bool((inv == torch.arange(len(inv))).all()):  # one row per sample
         obj = neuron(layer, unit.to(xs.device), reduce=reduce)
         return _space_sum(layer_contributions(model, circuit_layer, xs, obj, method="act_grad"))
+    at = circuit_layer if replicate_at is None else replicate_at
     try:
-        with _replicate(model, circuit_layer, inv):
+        with _replicate(model, at, inv):
             obj = neuron(layer, unit.to(xs.device), reduce=reduce)
-            return _space_sum(layer_contributions(model, circuit_layer, xs, obj, method="act_grad"))
+            c = _space_sum(layer_contributions(model, circuit_layer, xs, obj, method="act_grad"))
     except RuntimeError as e:
         if "size" not in str(e) and "shape" not in str(e):
             raise
+        if replicate_at is not None:
+            raise ValueError(
+                f"replicate_at={replicate_at!r} does not cover every path from below {circuit_layer!r} to {layer!r}: "
+                f"{str(e).splitlines()[0]}"
+            ) from e
         if circuit_layer not in _WARNED:
             _WARNED.add(circuit_layer)
             warnings.warn(
                 f"circuits: replicating {circuit_layer!r} failed ({str(e).splitlines()[0]}); a tensor from below it "
-                f"reaches {layer!r}. Using batched backwards instead (slower).",
+                f"reaches {layer!r} (a shortcut). Using batched backwards instead (slower); pass replicate_at= a "
+                "layer below both (e.g. the block input) to keep the fast replicated backward.",
                 stacklevel=3,
             )
+    else:
+        if c.shape[0] != len(sample):
+            raise ValueError(f"replicate_at={at!r} must be a layer that runs before circuit_layer {circuit_layer!r}")
+        return c
     # fallback: (U, M) neurons per unique sample, M batched backwards (vmap over grad outputs)
     counts = inv.bincount(minlength=len(uniq))
     m = int(counts.max())
@@ -554,6 +576,7 @@ def reference_circuits(
     fast: bool | str = "auto",
     batch_size: int = 64,
     max_rows: int = 512,
+    replicate_at: str | None = None,
     image_key: str = "image",
     progress: bool = False,
 ) -> Tensor:
@@ -577,7 +600,7 @@ def reference_circuits(
             continue
         slots = order[a:b]  # flat (k, j) slots whose sample lies in this batch
         c = circuit_rows(model, refs.layer, circuit_layer, x, flat_ids[slots] - lo, refs.neurons[slots // n],
-                         reduce=reduce, fast=fast, max_rows=max_rows)
+                         reduce=reduce, fast=fast, max_rows=max_rows, replicate_at=replicate_at)
         if out is None:
             out = torch.zeros(k_count * n, c.shape[-1])
         out[slots] = l1_normalize(c.detach().float().cpu())
@@ -893,6 +916,7 @@ def fit_virtual_neurons(
     seed: int = 0,
     image_key: str = "image",
     distributed: bool | str = "auto",
+    replicate_at: str | None = None,
     progress: bool = False,
 ) -> VirtualNeurons:
     """Reference samples → circuits → k-means, in two passes over ``data``; returns fitted :class:`VirtualNeurons`.
@@ -913,7 +937,7 @@ def fit_virtual_neurons(
         refs = reference_samples(model, layer, data, n_ref=n_ref, neurons=neurons, batch_size=batch_size,
                                  image_key=image_key, progress=progress)
         circ = reference_circuits(model, circuit_layer, data, refs, reduce=reduce, fast=fast, batch_size=batch_size,
-                                  image_key=image_key, progress=progress)
+                                  replicate_at=replicate_at, image_key=image_key, progress=progress)
         vn.fit(circ, refs.neurons)
         vn.references = refs
         vn.reference_ranks = torch.zeros_like(refs.indices)
@@ -922,7 +946,7 @@ def fit_virtual_neurons(
     refs = reference_samples(model, layer, data, n_ref=n_ref, neurons=neurons, batch_size=batch_size,
                              image_key=image_key, progress=progress, strict=False)
     circ = reference_circuits(model, circuit_layer, data, refs, reduce=reduce, fast=fast, batch_size=batch_size,
-                              image_key=image_key, progress=progress)
+                              replicate_at=replicate_at, image_key=image_key, progress=progress)
     refs, circ, ranks = _merge_ranks(refs, circ, n_ref)
     if rank == 0:
         vn.fit(circ, refs.neurons)
