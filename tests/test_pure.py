@@ -437,6 +437,31 @@ def test_callback_fits_logs_saves_figures_and_edits(toy, tmp_path):
     torch.testing.assert_close(cb2.result.centroids[0], cb.result.centroids[0])
 
 
+def test_callback_fit_at_epoch_routes_later_validation(toy, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from negspace.callbacks import VirtualNeurons as VirtualNeuronsCallback
+
+    _, x, kind = toy
+    module = ToyModule()
+    cb = VirtualNeuronsCallback("net.upper", "net.act", 0, k=2, n_ref=N_A + N_B, fit_at=0, figures=False,
+                                edit={"neuron": 0, "virtual": 1, "scale": 0.5})
+    trainer = L.Trainer(
+        max_epochs=2, limit_train_batches=1, accelerator="cpu", devices=1, callbacks=[cb], default_root_dir=tmp_path,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False,
+    )
+    loader = DataLoader(DictData(x, kind), batch_size=32)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    assert cb.result is not None and cb.figure_paths == [] and hook_count(module) == 0
+    first, second = torch.cat(module.val_peaks[:3]), torch.cat(module.val_peaks[3:])
+    refs = cb.result.references.indices[0]
+    kind_v1 = int(kind[refs][cb.result.labels[0] == 1][0])  # the meaning of virtual neuron 1
+    # epoch 0: no edit yet; epoch 1: virtual neuron 1's samples at half strength, the others untouched
+    torch.testing.assert_close(second[kind == kind_v1], 0.5 * first[kind == kind_v1])
+    torch.testing.assert_close(second[kind == 1 - kind_v1], first[kind == 1 - kind_v1])
+
+
 # ------------------------------------------------------------------------------------------------- DDP
 def _free_port() -> int:
     with socket.socket() as s:

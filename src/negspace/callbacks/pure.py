@@ -204,10 +204,11 @@ class VirtualNeurons(L.Callback):
                 if c < len(members):
                     img = members[c].float()
                     img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-8)
-                    if img.shape[0] == 3:
-                        ax.imshow(img.permute(1, 2, 0).numpy())
-                    else:
-                        ax.imshow(img.mean(0).numpy(), cmap="gray")
+                    if img.shape[0] == 1:
+                        ax.imshow(img[0].numpy(), cmap="gray")
+                    else:  # first three channels as RGB (two-channel inputs get an empty blue channel)
+                        rgb = torch.cat([img[:3], torch.zeros(max(0, 3 - img.shape[0]), *img.shape[1:])])
+                        ax.imshow(rgb.permute(1, 2, 0).numpy())
             axes[j][0].set_title(f"virtual {j} ({int((labels == j).sum())})", fontsize=7, loc="left")
         fig.suptitle(f"{self.layer} neuron {n}", fontsize=9)
         fig.tight_layout()
