@@ -48,3 +48,34 @@ def test_console_script_help_subprocess():
     res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "negspace demo" in res.stdout
+
+
+def _res(no_bias: float, inverse: float) -> dict:
+    row = {"class_0": no_bias, "class_1": no_bias, "avg": no_bias, "attr": 0.1, "attr_nontarget": 0.1}
+    inv = dict(row, avg=inverse)
+    return {"train_bias": dict(row), "inverse_bias": inv, "no_bias": dict(row)}
+
+
+def test_demo_summary_picks_lambda_on_validation_and_reports_test():
+    from negspace.demo import check_pattern, summarise
+
+    runs = {
+        ("unbiased", 0.0): [{"val": _res(0.8, 0.8), "test": _res(0.79, 0.8)}],
+        ("none", 0.0): [{"val": _res(0.5, 0.1), "test": _res(0.5, 0.1)}],
+        # λ=10 wins on validation no_bias even though λ=100 would be better on test: selection is on val
+        ("presence", 10.0): [{"val": _res(0.75, 0.4), "test": _res(0.7, 0.4)}],
+        ("presence", 100.0): [{"val": _res(0.7, 0.6), "test": _res(0.9, 0.6)}],
+        ("presence_absence", 10.0): [{"val": _res(0.78, 0.6), "test": _res(0.77, 0.6)},
+                                     {"val": _res(0.80, 0.6), "test": _res(0.79, 0.6)}],
+    }
+    s = summarise(runs)
+    assert s["lambda"] == {"unbiased": 0.0, "none": 0.0, "presence": 10.0, "presence_absence": 10.0}
+    assert s["by_setting"]["presence"]["no_bias"]["avg"] == pytest.approx(0.7)
+    assert s["by_setting"]["presence_absence"]["no_bias"]["avg"] == pytest.approx(0.78)
+    row = next(k for k in s["stds"] if k.startswith("Benign*: presence+absence"))
+    assert s["stds"][row]["no_bias"]["avg"] == pytest.approx(0.0141421, abs=1e-5)
+    assert all(ok for _, ok in check_pattern(s["by_setting"]))
+    # a failing pattern is reported as failing
+    runs[("presence_absence", 10.0)] = [{"val": _res(0.78, 0.2), "test": _res(0.6, 0.2)}]
+    checks = dict(check_pattern(summarise(runs)["by_setting"]))
+    assert not all(checks.values())

@@ -55,6 +55,8 @@ class DemoConfig:
     lambdas: list[float] = field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0])
     method: str = "input_x_gradient"
     start_step: int = 0
+    pretrain_epochs: int = 12
+    pretrain_data_seed: int = 1000
     threads: int = 1
     quick: bool = False
 
@@ -76,8 +78,42 @@ def _config(quick: bool, seeds, epochs, lambdas, n_train, image_size) -> DemoCon
     return cfg
 
 
+def _trainer_kwargs(progress: bool) -> dict[str, Any]:
+    return {
+        "accelerator": "cpu",
+        "devices": 1,
+        "num_sanity_val_steps": 0,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": progress,
+    }
+
+
+def pretrain(cfg: DemoConfig, seed: int, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Stand-in for the paper's ImageNet pre-training: train the X-model on *unbiased* lesions drawn from an
+    independent data seed (``pretrain_data_seed + seed``; disjoint from the images of the experiment) for
+    ``pretrain_epochs``. Returns the state dict every setting of this seed starts from."""
+    import lightning as L
+
+    from negspace.data_modules import SyntheticLesionDataModule
+    from negspace.models.xmodels import XSmallCNN
+    from negspace.modules import ClassifierModule
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    dm = SyntheticLesionDataModule(
+        n_train=cfg.n_train, n_val=2, n_test=0, image_size=cfg.image_size, bias_ratio=0.0,
+        batch_size=cfg.batch_size, seed=seed, data_seed=cfg.pretrain_data_seed + seed,
+    )
+    net = XSmallCNN(num_classes=2, in_channels=3, width=cfg.width)
+    module = ClassifierModule(model=net, num_classes=2, loss="bce", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainer = L.Trainer(max_epochs=cfg.pretrain_epochs, limit_val_batches=0, **_trainer_kwargs(progress))
+    trainer.fit(module, datamodule=dm)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
 def _run_one(cfg: DemoConfig, setting: str, mode: str | None, unbiased: bool, lam: float, seed: int,
-             out_dir: str, progress: bool) -> dict[str, Any]:
+             out_dir: str, progress: bool, init: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Train one model and return ``{"val": report result, "test": report result, "seconds": float}``."""
     import lightning as L
 
@@ -96,8 +132,11 @@ def _run_one(cfg: DemoConfig, setting: str, mode: str | None, unbiased: bool, la
         batch_size=cfg.batch_size,
         seed=seed,
     )
+    net = XSmallCNN(num_classes=2, in_channels=3, width=cfg.width)
+    if init is not None:
+        net.load_state_dict(init)
     module = ClassifierModule(
-        model=XSmallCNN(num_classes=2, in_channels=3, width=cfg.width),
+        model=net,
         num_classes=2,
         loss="bce",
         lr=cfg.lr,
@@ -106,21 +145,16 @@ def _run_one(cfg: DemoConfig, setting: str, mode: str | None, unbiased: bool, la
     report = BiasedSplitReport(class_names=CLASS_NAMES, n_figures=2, print_table=False, method=cfg.method)
     callbacks: list[Any] = [report]
     if mode is not None:
-        callbacks.append(AttributionPrior(lam=lam, mode=mode, method=cfg.method, start_step=cfg.start_step))
+        # share_forward: the prior differentiates the training forward's logits (exact for X-models: no BatchNorm)
+        callbacks.append(AttributionPrior(lam=lam, mode=mode, method=cfg.method, start_step=cfg.start_step,
+                                          share_forward=cfg.method == "input_x_gradient"))
     run_dir = os.path.join(out_dir, "runs", f"{setting}_lam{lam:g}_seed{seed}")
     trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
         max_epochs=cfg.epochs,
         limit_val_batches=0,  # the report evaluates once after training (validate + test below)
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress,
         default_root_dir=run_dir,
         callbacks=callbacks,
-        deterministic=False,
+        **_trainer_kwargs(progress),
     )
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
@@ -221,15 +255,23 @@ def run_demo(
 
     jobs = []
     for seed in range(cfg.seeds):
+        if cfg.pretrain_epochs:
+            jobs.append(("pretrain", None, True, 0.0, seed))
         for setting, _, mode, unbiased in SETTINGS:
             for lam in cfg.lambdas if mode else [0.0]:
                 jobs.append((setting, mode, unbiased, lam, seed))
     t0 = time.perf_counter()
     runs: dict[tuple[str, float], list[dict[str, Any]]] = {}
     bar = tqdm(jobs, desc="negspace demo", unit="run", disable=not progress)
+    init: dict[int, dict[str, torch.Tensor]] = {}
     for setting, mode, unbiased, lam, seed in bar:
         bar.set_postfix_str(f"{setting} λ={lam:g} seed={seed}")
-        res = _run_one(cfg, setting, mode, unbiased, lam, seed, out, progress=False)
+        if setting == "pretrain":
+            t1 = time.perf_counter()
+            init[seed] = pretrain(cfg, seed)
+            tqdm.write(f"  pre-trained seed {seed} on unbiased lesions ({time.perf_counter() - t1:.0f} s)")
+            continue
+        res = _run_one(cfg, setting, mode, unbiased, lam, seed, out, progress=False, init=init.get(seed))
         res.update(setting=setting, lam=lam, seed=seed)
         runs.setdefault((setting, lam), []).append(res)
         tqdm.write(
