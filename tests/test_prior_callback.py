@@ -102,7 +102,7 @@ def trainer(callbacks, **kw):
 
 
 def reference(lam, *, mode="presence_absence", epochs=1, accumulate=1, autocast=None, scaler=None, num_classes=2,
-              non_target="complement", gen_seed=None, bn=True, all_masked=False):
+              non_target="complement", gen_seed=None, bn=True, all_masked=False, **prior_kw):
     """Plain PyTorch loop: loss = CE + λ·prior_loss (prior with autocast off)."""
     module = Module(num_classes, bn=bn)
     module.train()
@@ -116,7 +116,7 @@ def reference(lam, *, mode="presence_absence", epochs=1, accumulate=1, autocast=
             with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
                 ce = F.cross_entropy(module(xb), yb)
                 with torch.autocast("cpu", enabled=False):
-                    pen = prior_loss(module, xb, yb, mb, mode=mode, non_target=non_target, generator=gen)
+                    pen = prior_loss(module, xb, yb, mb, mode=mode, non_target=non_target, generator=gen, **prior_kw)
                 loss = ce + lam * pen
             loss = loss / accumulate
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -159,6 +159,12 @@ def test_dict_output_tuple_batches_presence():
     module = Module(dict_out=True)
     fit(AttributionPrior(lam=2.0, mode="presence"), module, dataloader=loader(as_tuple=True))
     assert_same_state(module, reference(2.0, mode="presence"), rtol=1e-5, atol=1e-6)
+
+
+def test_integrated_gradients_method():
+    module = fit(AttributionPrior(lam=3.0, method="integrated_gradients", n_steps=4))
+    ref = reference(3.0, method="integrated_gradients", n_steps=4)
+    assert_same_state(module, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_accumulate_grad_batches():

@@ -196,6 +196,13 @@ def test_ig_equals_ixg_for_homogeneous_net():
     torch.testing.assert_close(
         prior_loss(model, x, y, mask, method="integrated_gradients", n_steps=4), prior_loss(model, x, y, mask)
     )
+    # top:K is chosen at the actual input, not at an integration-path point
+    w3, x3, y3, m3 = _setup(num_classes=4)
+    model3 = Linear(w3)
+    torch.testing.assert_close(
+        prior_loss(model3, x3, y3, m3, method="integrated_gradients", n_steps=3, non_target="top:2"),
+        prior_loss(model3, x3, y3, m3, non_target="top:2"),
+    )
 
 
 def test_empty_masks_contribute_zero_and_cost_nothing():
