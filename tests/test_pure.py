@@ -499,3 +499,35 @@ def test_ddp_every_rank_holds_the_same_centroids(toy, tmp_path):
     model, x, _ = toy
     single = reference_samples(model, "upper", x, n_ref=N_A + N_B, neurons=[0, 2])
     torch.testing.assert_close(r0["values"], single.values)
+
+
+class _SaveCentroids(L.Callback):
+    """Writes each rank's fitted centroids (after the VirtualNeurons callback fitted them)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir  # the callbacks are copies inside the spawned processes: look them up by type
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        cb = next(c for c in trainer.callbacks if type(c).__name__ == "VirtualNeurons")
+        torch.save({str(k): v for k, v in cb.result.centroids.items()},
+                   os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+@pytest.mark.ddp
+def test_callback_under_lightning_ddp_spawn(toy, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from negspace.callbacks import VirtualNeurons as VirtualNeuronsCallback
+
+    _, x, kind = toy
+    cb = VirtualNeuronsCallback("net.upper", "net.act", [0, 2], k=2, n_ref=N_A + N_B, figures=False)
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=1, accelerator="cpu", devices=2, strategy="ddp_spawn",
+        callbacks=[cb, _SaveCentroids(str(tmp_path))], default_root_dir=tmp_path, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+    )
+    loader = DataLoader(DictData(x, kind), batch_size=16)
+    trainer.fit(ToyModule(), train_dataloaders=loader, val_dataloaders=loader)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert set(r0) == {"0", "2"} and all(torch.equal(r0[k], r1[k]) for k in r0)
