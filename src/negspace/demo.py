@@ -43,19 +43,20 @@ class DemoConfig:
     """Everything a demo run depends on (written to ``config.json``)."""
 
     seeds: int = 3
-    epochs: int = 12
-    n_train: int = 1200
-    n_val: int = 400
-    n_test: int = 400
+    epochs: int = 16
+    n_train: int = 800
+    n_val: int = 300
+    n_test: int = 300
     image_size: int = 32
-    width: int = 8
+    width: int = 16
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    lambdas: list[float] = field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0])
+    lambdas: list[float] = field(default_factory=lambda: [3.0, 10.0, 30.0, 100.0])
     method: str = "input_x_gradient"
     start_step: int = 0
-    pretrain_epochs: int = 12
+    pretrain_epochs: int = 0
+    augment: bool = False
     pretrain_data_seed: int = 1000
     threads: int = 1
     quick: bool = False
@@ -64,8 +65,8 @@ class DemoConfig:
 def _config(quick: bool, seeds, epochs, lambdas, n_train, image_size) -> DemoConfig:
     cfg = DemoConfig(quick=quick)
     if quick:
-        cfg.seeds, cfg.epochs, cfg.n_train, cfg.n_val, cfg.n_test = 1, 8, 800, 300, 300
-        cfg.lambdas = [10.0, 100.0]
+        cfg.seeds = 1
+        cfg.lambdas = [10.0, 30.0]
     for name, value in (("seeds", seeds), ("epochs", epochs), ("n_train", n_train), ("image_size", image_size)):
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -103,7 +104,7 @@ def pretrain(cfg: DemoConfig, seed: int, progress: bool = False) -> dict[str, to
     L.seed_everything(seed, workers=True, verbose=False)
     dm = SyntheticLesionDataModule(
         n_train=cfg.n_train, n_val=2, n_test=0, image_size=cfg.image_size, bias_ratio=0.0,
-        batch_size=cfg.batch_size, seed=seed, data_seed=cfg.pretrain_data_seed + seed,
+        batch_size=cfg.batch_size, seed=seed, data_seed=cfg.pretrain_data_seed + seed, augment=cfg.augment,
     )
     net = XSmallCNN(num_classes=2, in_channels=3, width=cfg.width)
     module = ClassifierModule(model=net, num_classes=2, loss="bce", lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -131,6 +132,7 @@ def _run_one(cfg: DemoConfig, setting: str, mode: str | None, unbiased: bool, la
         bias_ratio=0.0 if unbiased else 1.0,
         batch_size=cfg.batch_size,
         seed=seed,
+        augment=cfg.augment,
     )
     net = XSmallCNN(num_classes=2, in_channels=3, width=cfg.width)
     if init is not None:
@@ -235,8 +237,11 @@ def run_demo(
     n_train: int | None = None,
     image_size: int | None = None,
     progress: bool = True,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Run the four settings (λ sweep for the priors) and print/write the Table 2 analogue.
+
+    ``overrides`` set any other :class:`DemoConfig` field (e.g. ``width=8, pretrain_epochs=12, augment=True``).
 
     Writes ``<out>/table.md``, ``<out>/table.csv``, ``<out>/results.json`` and per-run attribution figures in
     ``<out>/runs/*/biased_split_report/``. Returns the summary dict.
@@ -248,6 +253,10 @@ def run_demo(
     from negspace.callbacks.report import format_table
 
     cfg = _config(quick, seeds, epochs, lambdas, n_train, image_size)
+    for key, value in overrides.items():
+        if key not in DemoConfig.__dataclass_fields__:
+            raise ValueError(f"unknown demo option {key!r}; allowed: {sorted(DemoConfig.__dataclass_fields__)}")
+        setattr(cfg, key, value)
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(cfg.threads)  # tiny convs: one thread is fastest on small, shared CPUs
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
