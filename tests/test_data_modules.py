@@ -59,7 +59,7 @@ def test_split_semantics_and_images_change_only_inside_patch(patch: str) -> None
     base = _base(n=30, n_classes=3)
     dm = _dm(base, patch=patch, val_fraction=0.5, spurious_class=1, dilation=2)
     dm0 = _dm(base, patch=patch, val_fraction=0.5, spurious_class=1, dilation=0)
-    assert dm.num_classes == 3
+    assert dm.num_classes == 3 and dm.class_names == ("0", "1", "2")
     # training: every spurious-class sample patched, no other sample
     for it in _items(dm.train_set):
         present = bool(it["mask"].any())
@@ -227,6 +227,7 @@ def test_folder_and_csv_datasets(tmp_path) -> None:
     # feeds SpuriousPatchDataModule (synthetic patches on top; real mask united)
     dm = _dm(ds, val_fraction=0.5, patch_size=4)
     assert dm.num_classes == 2 and len(dm.val_dataloader()) == 3
+    assert dm.class_names == ("benign", "malignant")
     # direct use with real masks
     plain = ImageDataModule(ds, val={"val": ds}, augment=False, batch_size=4)
     assert next(iter(plain.train_dataloader()))["mask"].shape == (4, 1, 12, 10)

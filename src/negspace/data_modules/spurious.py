@@ -281,6 +281,14 @@ class SpuriousPatchDataModule(L.LightningDataModule):
         self._build()
         return int(self._num_classes)  # type: ignore[arg-type]
 
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """``dataset.classes`` if the base dataset has them, else ``("0", "1", ...)``."""
+        classes = getattr(self.dataset, "classes", None)
+        if classes is not None and not callable(classes):
+            return tuple(str(c) for c in classes)
+        return tuple(str(i) for i in range(self.num_classes))
+
     def _resolve_num_classes(self, all_labels: list[int]) -> int:
         if self._num_classes is not None:
             nc = self._num_classes
