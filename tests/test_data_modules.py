@@ -193,6 +193,8 @@ def test_bad_arguments_and_bad_data() -> None:
         _dm(bad, num_classes=2)
     with pytest.raises(ValueError, match="spurious_class"):
         _dm(base, spurious_class=2)
+    with pytest.raises(ValueError, match="spurious_class"):
+        SpuriousPatchDataModule(base, spurious_class="benign")
     # images outside [0, 1] / wrong type / mask of the wrong size
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         _dm(TensorDataset(torch.rand(10, 3, 8, 8) * 3, torch.arange(10) % 2)).train_set[0]

@@ -241,6 +241,10 @@ class SpuriousPatchDataModule(L.LightningDataModule):
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(spurious_class, bool) or not isinstance(spurious_class, int) or spurious_class < 0:
+            raise ValueError(f"spurious_class must be an int >= 0 (a class index), got {spurious_class!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
         if patch not in PATCH_STYLES:
             raise ValueError(f"patch must be one of {list(PATCH_STYLES)}, got {patch!r}")
         if patch_position not in POSITIONS:
