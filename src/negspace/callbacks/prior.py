@@ -16,7 +16,7 @@ import functools
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from negspace.batch import BatchKeys
 from negspace.priors import (
     METHODS,
     MODES,
@@ -37,10 +38,8 @@ from negspace.priors import (
 __all__ = ["AttributionPrior"]
 
 _REGISTRY = "_negspace_attribution_priors"  # instance attribute holding the installed wrapper's state
-_ROLES = ("image", "label", "mask")
 _LINEAR_RE = re.compile(r"^linear:([1-9][0-9]*)$")
 
-BatchKeys = Mapping[str, str | int] | Sequence[str | int] | Callable[[Any], tuple[Tensor, Tensor, Tensor]]
 Forward = str | Callable[[nn.Module, Tensor], Any]
 
 
@@ -115,7 +114,7 @@ class AttributionPrior(Callback):
             ``"image"``, ``"label"``, ``"mask"``; tuple/list batches ``(image, label, mask[, ...])``. Give a
             mapping ``{"image": "x", "label": "y", "mask": "m"}`` (keys or tuple indices; missing roles keep
             their default), a sequence ``("x", "y", "m")`` / ``(0, 2, 3)``, or a callable
-            ``batch -> (image, label, mask)``.
+            ``batch -> (image, label, mask)`` (the shared layout rules of :mod:`negspace.batch`).
         forward: what is attributed. Default ``None``: the LightningModule itself, so ``module(x)`` must
             return logits ``(B, num_classes)``. A dotted attribute path (``"model"``, ``"net.classifier_logits"``)
             resolved on the module, or a callable ``(module, x) -> output``. Non-tensor outputs are reduced
@@ -162,7 +161,7 @@ class AttributionPrior(Callback):
         method: str = "input_x_gradient",
         non_target: str = "complement",
         n_steps: int = 16,
-        batch_keys: BatchKeys | None = None,
+        batch_keys: Any = None,
         forward: Forward | None = None,
         start_step: int = 0,
         *,
@@ -203,7 +202,7 @@ class AttributionPrior(Callback):
         self.non_target = non_target
         self.n_steps = n_steps
         self.batch_keys = batch_keys
-        self._keys = _parse_batch_keys(batch_keys)
+        self._keys = BatchKeys(batch_keys)
         self.forward = forward
         self.output_key = output_key
         self.start_step = start_step
@@ -458,40 +457,8 @@ class AttributionPrior(Callback):
 
     # ------------------------------------------------------------------------------- batch / model
     def _extract(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
-        if callable(self._keys):
-            parts = self._keys(batch)
-            if not isinstance(parts, tuple | list) or len(parts) != 3:
-                raise TypeError("batch_keys callable must return (image, label, mask)")
-            return parts[0], parts[1], parts[2]
-        if isinstance(batch, Mapping):
-            keys = {"image": "image", "label": "label", "mask": "mask", **self._keys}
-            available = sorted(map(str, batch))
-            out = []
-            for role in _ROLES:
-                if keys[role] not in batch:
-                    raise ValueError(
-                        f"AttributionPrior: the batch has no {role} under key {keys[role]!r} (batch keys: "
-                        f"{available}); pass batch_keys={{{role!r}: <key>}}"
-                        + (" — the prior needs a mask of the spurious region" if role == "mask" else "")
-                    )
-                out.append(batch[keys[role]])
-            return out[0], out[1], out[2]
-        if isinstance(batch, tuple | list):
-            keys = {"image": 0, "label": 1, "mask": 2, **self._keys}
-            out = []
-            for role in _ROLES:
-                k = keys[role]
-                if not isinstance(k, int) or not -len(batch) <= k < len(batch):
-                    raise ValueError(
-                        f"AttributionPrior: cannot find the {role} at position {k!r} of a batch with {len(batch)} "
-                        "elements; expected (image, label, mask[, group]) or pass batch_keys="
-                    )
-                out.append(batch[k])
-            return out[0], out[1], out[2]
-        raise TypeError(
-            "AttributionPrior: batches must be dicts or tuples (or pass a callable batch_keys), "
-            f"got {type(batch).__name__}"
-        )
+        b = self._keys.unpack(batch, require=("image", "label", "mask"), who="AttributionPrior")
+        return b.image, b.label, b.mask  # type: ignore[return-value]  # required roles are not None
 
     def _attributed(self, module: LightningModule) -> Callable[[Tensor], Tensor]:
         fwd = self.forward
@@ -553,24 +520,6 @@ def samples_independent(model: nn.Module) -> bool:
             if rate is None or rate > 0:
                 return False
     return True
-
-
-def _parse_batch_keys(batch_keys: object) -> dict[str, str | int] | Callable[[Any], Any]:
-    if batch_keys is None:
-        return {}
-    if callable(batch_keys) and not isinstance(batch_keys, Mapping):
-        return batch_keys
-    if isinstance(batch_keys, Mapping):
-        bad = set(batch_keys) - set(_ROLES)
-        if bad:
-            raise ValueError(f"batch_keys may only map the roles {_ROLES}, got unknown roles {sorted(bad)}")
-        return dict(batch_keys)
-    if isinstance(batch_keys, Sequence) and not isinstance(batch_keys, str) and len(batch_keys) == 3:
-        return dict(zip(_ROLES, batch_keys))
-    raise TypeError(
-        "batch_keys must be None, a mapping {'image': k, 'label': k, 'mask': k}, a sequence of 3 keys/indices, "
-        f"or a callable batch -> (image, label, mask); got {batch_keys!r}"
-    )
 
 
 def _parse_schedule(schedule: object) -> Callable[[int], float] | None:

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from negspace.attribution import layer_contributions
 from negspace.attribution.reduce import ei_split, spatial_sum
+from negspace.batch import unpack_batch as _unpack
 from negspace.hooks import capture, get_layer, normalize_layers
 from negspace.objectives import Objective, contrastive, entropy, logit, top_logit, topk_sum
 
@@ -79,21 +80,10 @@ def make_target(target: str | Objective, *, k: int = 5) -> Objective | str:
     raise ValueError(f"target must be one of {TARGETS} or an objective from negspace.objectives, got {target!r}")
 
 
-def unpack_batch(batch: object, batch_keys: Sequence[str] | None = None) -> tuple[Tensor, Tensor | None]:
-    """``(image, label)`` from a dict batch (``{"image", "label", ...}``) or a tuple ``(image, label, ...)``.
-
-    ``batch_keys=(image_key, label_key)`` names other dict keys.
-    """
-    if isinstance(batch, Mapping):
-        ik, lk = tuple(batch_keys) if batch_keys else ("image", "label")
-        if ik not in batch:
-            raise KeyError(f"batch has no key {ik!r} (keys: {sorted(batch)}); pass batch_keys=(image_key, label_key)")
-        return batch[ik], batch.get(lk)
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, Sequence) and batch:
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    raise TypeError(f"batch must be a dict, a tuple (image, label, ...) or a Tensor, got {type(batch).__name__}")
+def unpack_batch(batch: object, batch_keys: object = None) -> tuple[Tensor, Tensor | None]:
+    """``(image, label or None)`` of a batch, by the shared layout rules of :mod:`negspace.batch`."""
+    b = _unpack(batch, batch_keys, who="contributions")
+    return b.image, b.label
 
 
 def _check_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from negspace.attribution import layer_contributions
+from negspace.batch import unpack_batch
 from negspace.hooks import PersistentEdit, StopForward, capture, get_layer, run_until
 from negspace.objectives import _REDUCE, Objective, _channels_last, _reduce_space, neuron
 
@@ -68,17 +69,8 @@ MODES = ("sample", "position")
 
 # --------------------------------------------------------------------------------------------- helpers
 def batch_images(batch: Any, image_key: str = "image") -> Tensor:
-    """The image tensor of a batch: a tensor, a dict with ``image_key``, or a tuple ``(image, ...)``."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping) and image_key in batch:
-        return batch[image_key]
-    if isinstance(batch, tuple | list) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    raise TypeError(
-        f"data must be a Tensor (N, ...) or an iterable of batches (tensors, dicts with {image_key!r}, or "
-        f"tuples (image, ...)); got a batch of type {type(batch).__name__}"
-    )
+    """The image tensor of a batch (a tensor, a dict with ``image_key``, or a tuple ``(image, ...)``)."""
+    return unpack_batch(batch, {"image": image_key}, who="PURE").image
 
 
 def iter_images(data: Tensor | Iterable[Any], batch_size: int = 64, image_key: str = "image") -> Iterator[Tensor]:

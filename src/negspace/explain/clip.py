@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from negspace.batch import unpack_batch
+
 __all__ = ["TINY_CLIP_NAME", "encode_images", "encode_texts", "load_clip", "tiny_clip_config"]
 
 TINY_CLIP_NAME = "negspace-tiny-clip"
@@ -85,17 +87,8 @@ def load_clip(
 
 
 def _batch_images(batch: Any) -> Tensor:
-    """Pull the image tensor out of a batch: a tensor, a dict with ``"image"``, or a tuple ``(image, ...)``."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, dict) and "image" in batch:
-        return batch["image"]
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    raise TypeError(
-        "images must be a Tensor (N, C, H, W) or an iterable of batches (tensors, dicts with 'image', "
-        f"or tuples (image, ...)), got a batch of type {type(batch).__name__}"
-    )
+    """The image tensor of a batch: a tensor, a dict with ``"image"``, or a tuple ``(image, ...)``."""
+    return unpack_batch(batch, who="encode_images").image
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from negspace.batch import unpack_batch
 from negspace.hooks import capture, run_until
 
 __all__ = [
@@ -62,25 +63,15 @@ def summarize(out: Tensor, reduce: str = "mean") -> Tensor:
     raise ValueError(f"cannot summarise a layer output of shape {tuple(out.shape)}")
 
 
-def split_batch(batch: Any, batch_keys: Sequence[str] | None = None) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
-    """``(x, y, extras)`` from a batch: a tensor, a dict (``"image"``/``"label"`` or ``batch_keys``), or a tuple
-    ``(x, y, ...)``; extras holds ``"mask"``, ``"group"``, ``"concepts"`` when present."""
-    if isinstance(batch, Tensor):
-        return batch, None, {}
+def split_batch(batch: Any, batch_keys: Any = None) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """``(x, y, extras)`` of a batch by the layout rules of :mod:`negspace.batch`; ``extras`` holds the
+    batch's ``mask``/``group`` and, for dict batches, every other key (e.g. ``"concepts"``)."""
+    b = unpack_batch(batch, batch_keys, who="LE")
+    extras: dict[str, Any] = {k: v for k, v in (("mask", b.mask), ("group", b.group)) if v is not None}
     if isinstance(batch, Mapping):
-        kx, ky = (batch_keys[0], batch_keys[1]) if batch_keys else ("image", "label")
-        if kx not in batch:
-            raise TypeError(f"batch dict has no key {kx!r} (keys: {sorted(batch)}); pass batch_keys=(x_key, y_key)")
-        extras = {k: v for k, v in batch.items() if k not in (kx, ky)}
-        return batch[kx], batch.get(ky), extras
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        extras = {}
-        for name, val in zip(("mask", "group"), batch[2:4]):
-            extras[name] = val
-        return batch[0], (batch[1] if len(batch) > 1 else None), extras
-    raise TypeError(
-        f"a batch must be a Tensor, a dict with 'image'/'label', or a tuple (x, y, ...); got {type(batch).__name__}"
-    )
+        used = {id(b.image), id(b.label)}
+        extras.update({k: v for k, v in batch.items() if id(v) not in used and k not in extras})
+    return b.image, b.label, extras
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from negspace.attribution import input_x_gradient, integrated_gradients, layer_contributions
 from negspace.attribution._core import check_input, forward_objective
 from negspace.attribution.reduce import channel_dim
+from negspace.batch import unpack_batch
 from negspace.hooks import capture, get_layer, run_until
 from negspace.objectives import Objective, _channels_last, _reduce_space, direction, neuron
 
@@ -92,16 +93,8 @@ def _check_feature_width(feature: Objective, act: Tensor) -> None:
 
 
 def _images_from_batch(batch: object, key: str | int = 0) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, dict):
-        k = "image" if key == 0 else key
-        if k not in batch:
-            raise ValueError(f"batch dict has no key {k!r} (keys: {sorted(batch)}); pass batch_key=")
-        return batch[k]
-    if isinstance(batch, list | tuple):
-        return batch[key if isinstance(key, int) else 0]
-    raise TypeError(f"batches must be tensors, (image, label, ...) tuples or dicts, got {type(batch).__name__}")
+    """Images of a batch; ``key``: dict key or tuple index of the image (0 = the default layout)."""
+    return unpack_batch(batch, None if key == 0 else {"image": key}, who="tension").image
 
 
 def collect_images(data: Data, *, max_images: int | None = None, batch_key: str | int = 0) -> Tensor:
