@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from negspace.callbacks._utils import output_dir
 from negspace.editing import channels as _channels
 from negspace.editing.codec import (
     ContributionSAE,
@@ -311,9 +312,8 @@ class CodecModes(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        log_dir = getattr(trainer.loggers[0], "log_dir", None) if trainer.loggers else None
-        if log_dir and trainer.is_global_zero:
-            self.save_figures(Path(log_dir) / "codec")
+        if trainer.is_global_zero:
+            self.save_figures(output_dir(trainer, "codec"))
 
     def save_figures(self, directory: str | Path) -> list[Path]:
         """Mode–class correlation heatmaps (contributions vs activations) per layer, as PNG files."""

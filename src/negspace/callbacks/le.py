@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from negspace.callbacks._utils import output_dir
 from negspace.explain.concepts import BUILTIN_CONCEPT_SETS, label_concepts, split_batch, summarize
 from negspace.explain.linear import Explanation, linear_explanation
 from negspace.explain.simulation import ablation_score, area_chart, correlation_score
@@ -216,8 +217,7 @@ class LinearExplanations(L.Callback):
                 "a concepts tensor is aligned with the unsharded validation set; under DDP pass a callable "
                 "batch -> (B, M), 'labels' or a built-in concept set name instead"
             )
-        # trainer.log_dir broadcasts under DDP: resolve it on every rank, never inside a rank-0-only branch
-        self._root = trainer.log_dir or trainer.default_root_dir
+        self._root = str(output_dir(trainer))
         with torch.inference_mode(False):
             x, y, acts, extra = self._collect(pl_module, self._val_loader(trainer))
             x, y = self._gather(trainer, x), self._gather(trainer, y)

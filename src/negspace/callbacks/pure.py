@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from negspace.callbacks._utils import output_dir
 from negspace.editing import pure as P
 
 __all__ = ["VirtualNeurons"]
@@ -212,8 +213,7 @@ class VirtualNeurons(L.Callback):
             axes[j][0].set_title(f"virtual {j} ({int((labels == j).sum())})", fontsize=7, loc="left")
         fig.suptitle(f"{self.layer} neuron {n}", fontsize=9)
         fig.tight_layout()
-        root = trainer.log_dir or trainer.default_root_dir
-        folder = os.path.join(root, "pure")
+        folder = str(output_dir(trainer, "pure"))
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"neuron_{n}.png")
         fig.savefig(path, dpi=100)

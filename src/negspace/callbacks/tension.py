@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from negspace.callbacks._utils import output_dir
 from negspace.explain.tension import (
     InsertionResult,
     PatchResult,
@@ -109,7 +110,7 @@ class TensionReport(L.Callback):
         for name, v in self._summary.items():
             pl_module.log(name, v, rank_zero_only=True)
         if self.figures and trainer.is_global_zero:
-            out = Path(trainer.log_dir or trainer.default_root_dir) / "tension"
+            out = output_dir(trainer, "tension")
             result["figures"] = self._save(out, x, result, trainer.current_epoch)
 
     # --------------------------------------------------------------------------------------- functional
