@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -84,3 +86,30 @@ def test_unknown_layer_registers_nothing():
         pass
     assert hook_count(m) == 0
     assert issubclass(StopForward, Exception)
+
+
+def test_frozen_relu_masks_is_exact_for_double_backward():
+    tv = pytest.importorskip("torchvision")
+    from negspace.hooks import frozen_relu_masks
+
+    torch.manual_seed(0)
+    m = tv.models.resnet18(num_classes=3).eval().double()  # in-place ReLU, one ReLU module used twice per block
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+
+    def second_order(ctx):
+        m.zero_grad()
+        with ctx:
+            out = m(x)
+            (g,) = torch.autograd.grad(out[:, 1].sum(), x, create_graph=True)
+        (g * x).abs().sum().backward()
+        return out.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in m.parameters()]
+
+    out0, g0 = second_order(contextlib.nullcontext())
+    out1, g1 = second_order(frozen_relu_masks(m))
+    assert torch.equal(out0, out1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert hook_count(m) == 0 and not hasattr(m, "_negspace_frozen_relu_masks")
+    with frozen_relu_masks(m), frozen_relu_masks(m):  # re-entrant
+        torch.testing.assert_close(m(x), out0)
+    assert hook_count(m) == 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from negspace.attribution._core import (
     Target,
@@ -18,8 +19,17 @@ from negspace.attribution._core import (
     quadrature,
     steps_per_chunk,
 )
+from negspace.hooks import frozen_relu_masks
 
 __all__ = ["input_x_gradient", "integrated_gradients"]
+
+
+def _double_backward_ctx(model: Callable[[Tensor], Tensor], create_graph: bool) -> contextlib.AbstractContextManager:
+    """With ``create_graph`` the result will be differentiated again: hold ReLU masks constant (exact,
+    and it spares autograd a backward pass of zeros; see :func:`negspace.hooks.frozen_relu_masks`)."""
+    if create_graph and isinstance(model, nn.Module):
+        return frozen_relu_masks(model)
+    return contextlib.nullcontext()
 
 
 def _k_last(grad: Tensor, multi: bool) -> Tensor:
@@ -44,7 +54,7 @@ def input_x_gradient(
     check_input(x)
     objective = as_objective(target)
     xg = x.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), _double_backward_ctx(model, create_graph):
         vals = forward_objective(model, xg, objective)
         (grad,) = grads_per_target(vals, [xg], create_graph=create_graph)
     multi = vals.dim() == 2
@@ -80,7 +90,7 @@ def integrated_gradients(
     delta = (x - base).detach()
     total: Tensor | None = None
     multi = False
-    with torch.enable_grad():
+    with torch.enable_grad(), _double_backward_ctx(model, create_graph):
         for start in range(0, n_steps, per_chunk):
             a = torch.as_tensor(alphas[start : start + per_chunk], dtype=x.dtype, device=x.device)
             w = torch.as_tensor(weights[start : start + per_chunk], dtype=x.dtype, device=x.device)

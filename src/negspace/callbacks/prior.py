@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from negspace.batch import BatchKeys
+from negspace.hooks import frozen_relu_masks
 from negspace.priors import (
     METHODS,
     MODES,
@@ -415,7 +416,8 @@ class AttributionPrior(Callback):
                     logits, captured["x"], y, mask, mode=self.mode, non_target=self.non_target, generator=self.generator
                 )
         else:
-            with autocast, norm:
+            # frozen ReLU masks: exact, spares the double backward a pass of zeros (see hooks.frozen_relu_masks)
+            with autocast, norm, frozen_relu_masks(module):
                 result = compute_prior(
                     model,
                     x,
