@@ -6,8 +6,7 @@ one capability never pulls in the dependencies of another.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from negspace._lazy import attach
 
 # public name -> submodule of this package that defines it
 _LAZY: dict[str, str] = {
@@ -20,14 +19,4 @@ _LAZY: dict[str, str] = {
     "BiasedSplitReport": "report",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY)
