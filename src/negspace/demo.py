@@ -66,7 +66,7 @@ def _config(quick: bool, seeds, epochs, lambdas, n_train, image_size) -> DemoCon
     cfg = DemoConfig(quick=quick)
     if quick:
         cfg.seeds = 1
-        cfg.lambdas = [10.0, 30.0]
+        cfg.lambdas = [10.0, 100.0]
     for name, value in (("seeds", seeds), ("epochs", epochs), ("n_train", n_train), ("image_size", image_size)):
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

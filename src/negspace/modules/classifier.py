@@ -15,6 +15,7 @@ from negspace.metrics.group import DEFAULT_SPLITS
 __all__ = ["ClassifierModule", "unpack_batch"]
 
 LOSSES = ("ce", "bce")
+OPTIMIZERS = ("adam", "adamw")
 
 
 def unpack_batch(batch: Any, image_key: str = "image", label_key: str = "label") -> tuple[Tensor, Tensor]:
@@ -49,6 +50,7 @@ class ClassifierModule(L.LightningModule):
         in_chans: input channels.
         checkpoint: optional ``.safetensors`` state dict for the network (e.g. set weights).
         splits: names of the validation/test dataloaders, by ``dataloader_idx``.
+        optimizer: ``"adam"`` (paper 000; coupled L2 weight decay) or ``"adamw"`` (decoupled weight decay).
 
     ``forward(x: (B, C, H, W)) -> (B, num_classes)`` logits. ``training_step`` returns the loss tensor.
     Validation/test log ``{stage}/{split}/acc`` and ``{stage}/{split}/loss`` for every dataloader.
@@ -65,10 +67,13 @@ class ClassifierModule(L.LightningModule):
         in_chans: int = 3,
         checkpoint: str | None = None,
         splits: Sequence[str] = DEFAULT_SPLITS,
+        optimizer: str = "adam",
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         if weight_decay < 0:
@@ -93,6 +98,7 @@ class ClassifierModule(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.splits = tuple(splits)
+        self.optimizer_name = optimizer
 
     def forward(self, x: Tensor) -> Tensor:
         """``x: (B, C, H, W)`` → logits ``(B, num_classes)``."""
@@ -141,4 +147,5 @@ class ClassifierModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             return None
-        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW if self.optimizer_name == "adamw" else torch.optim.Adam
+        return opt(params, lr=self.lr, weight_decay=self.weight_decay)
