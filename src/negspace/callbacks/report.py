@@ -15,12 +15,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from negspace.attribution import input_x_gradient, integrated_gradients
+from negspace.batch import BatchKeys
+from negspace.callbacks._utils import output_dir
 from negspace.metrics.group import DEFAULT_SPLITS, AttributionInMask, GroupAccuracy
 
 __all__ = ["BiasedSplitReport", "format_table"]
 
 METHODS = ("input_x_gradient", "integrated_gradients")
-_KEYS = ("image", "label", "mask", "group")
 
 
 def _fmt(v: float | None, std: float | None = None) -> str:
@@ -93,8 +94,8 @@ class BiasedSplitReport(L.Callback):
         n_steps: IG steps.
         max_attr_samples: masked samples per split and epoch that get attributions (``None``: all).
         n_figures: samples per split in the figure (0 disables figures).
-        batch_keys: ``{"image": ..., "label": ..., "mask": ..., "group": ...}`` for other dict layouts; tuple
-            batches are read as ``(image, label, mask[, group])``.
+        batch_keys: other batch layouts, see :mod:`negspace.batch` (default: dicts with ``image``/``label``/
+            ``mask``/``group`` keys, tuples ``(image, label[, mask[, group]])``).
         print_table: print the table at each evaluation end (rank 0).
     """
 
@@ -107,7 +108,7 @@ class BiasedSplitReport(L.Callback):
         n_steps: int = 16,
         max_attr_samples: int | None = 256,
         n_figures: int = 4,
-        batch_keys: Mapping[str, str] | None = None,
+        batch_keys: Any = None,
         print_table: bool = True,
     ) -> None:
         super().__init__()
@@ -117,12 +118,7 @@ class BiasedSplitReport(L.Callback):
             raise ValueError(f"max_attr_samples must be None or >= 0, got {max_attr_samples!r}")
         if n_figures < 0:
             raise ValueError(f"n_figures must be >= 0, got {n_figures!r}")
-        keys = dict(zip(_KEYS, _KEYS))
-        if batch_keys:
-            unknown = set(batch_keys) - set(_KEYS)
-            if unknown:
-                raise ValueError(f"batch_keys may only map {list(_KEYS)}, got {sorted(unknown)}")
-            keys.update(batch_keys)
+        self._keys = BatchKeys(batch_keys)
         self.splits = tuple(splits)
         self.class_names = list(class_names) if class_names else None
         self.spurious_class = spurious_class
@@ -130,7 +126,7 @@ class BiasedSplitReport(L.Callback):
         self.n_steps = n_steps
         self.max_attr_samples = max_attr_samples
         self.n_figures = n_figures
-        self.batch_keys = keys
+        self.batch_keys = batch_keys
         self.print_table = print_table
         self.result: dict[str, Any] = {}
         self.results: dict[str, dict[str, Any]] = {}
@@ -142,18 +138,8 @@ class BiasedSplitReport(L.Callback):
 
     # ------------------------------------------------------------------ batch parsing
     def _parse(self, batch: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        k = self.batch_keys
-        if isinstance(batch, Mapping):
-            if k["image"] not in batch or k["label"] not in batch:
-                raise ValueError(
-                    f"BiasedSplitReport: batch dict needs {k['image']!r} and {k['label']!r} keys (set batch_keys=); "
-                    f"got {sorted(batch)}"
-                )
-            return batch[k["image"]], batch[k["label"]], batch.get(k["mask"]), batch.get(k["group"])
-        if isinstance(batch, Sequence) and len(batch) >= 2:
-            x, y = batch[0], batch[1]
-            return x, y, batch[2] if len(batch) > 2 else None, batch[3] if len(batch) > 3 else None
-        raise TypeError(f"BiasedSplitReport: batch must be a dict or a tuple (image, label, mask, ...), got {type(batch)}")
+        b = self._keys.unpack(batch, require=("image", "label"), who="BiasedSplitReport")
+        return b.image, b.label, b.mask, b.group
 
     def _split(self, idx: int) -> str:
         return self.splits[idx] if idx < len(self.splits) else f"split_{idx}"
@@ -294,10 +280,6 @@ class BiasedSplitReport(L.Callback):
         self._finish(trainer, pl_module, "test")
 
     # ------------------------------------------------------------------ figures
-    @staticmethod
-    def _log_dir(trainer: L.Trainer) -> str:
-        return trainer.log_dir or trainer.default_root_dir
-
     def _save_figure(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from matplotlib.figure import Figure
 
@@ -337,7 +319,7 @@ class BiasedSplitReport(L.Callback):
             ax.set_xticks([])
             ax.set_yticks([])
         fig.tight_layout()
-        out_dir = os.path.join(self._log_dir(trainer), "biased_split_report")
+        out_dir = str(output_dir(trainer, "biased_split_report"))  # rank-0 safe (no broadcast)
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, f"{stage}_epoch{trainer.current_epoch:03d}_step{trainer.global_step}.png")
         fig.savefig(path, dpi=80)
