@@ -43,7 +43,7 @@ class DemoConfig:
     """Everything a demo run depends on (written to ``config.json``)."""
 
     seeds: int = 3
-    epochs: int = 16
+    epochs: int = 24
     n_train: int = 800
     n_val: int = 300
     n_test: int = 300
@@ -277,10 +277,10 @@ def run_demo(
         bar.set_postfix_str(f"{setting} λ={lam:g} seed={seed}")
         if setting == "pretrain":
             t1 = time.perf_counter()
-            init[seed] = pretrain(cfg, seed)
+            init[seed] = pretrain(cfg, seed, progress)
             tqdm.write(f"  pre-trained seed {seed} on unbiased lesions ({time.perf_counter() - t1:.0f} s)")
             continue
-        res = _run_one(cfg, setting, mode, unbiased, lam, seed, out, progress=False, init=init.get(seed))
+        res = _run_one(cfg, setting, mode, unbiased, lam, seed, out, progress=progress, init=init.get(seed))
         res.update(setting=setting, lam=lam, seed=seed)
         runs.setdefault((setting, lam), []).append(res)
         tqdm.write(
