@@ -257,7 +257,8 @@ class BiasedSplitReport(L.Callback):
         for name in self._names:
             for key, v in result[name].items():
                 if not math.isnan(v):
-                    pl_module.log(f"report/{stage}/{name}/{key}", v, add_dataloader_idx=False, sync_dist=False)
+                    # identical on all ranks (metrics are synced), and every rank skips the same NaN keys
+                    pl_module.log(f"report/{stage}/{name}/{key}", v, add_dataloader_idx=False, sync_dist=True)
         if trainer.is_global_zero:
             if self.print_table:
                 table = format_table(
