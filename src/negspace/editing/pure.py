@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from negspace.attribution import layer_contributions
+from negspace.attribution import layer_contributions, spatial_sum
 from negspace.batch import unpack_batch
 from negspace.hooks import PersistentEdit, StopForward, capture, get_layer, run_until
 from negspace.objectives import _REDUCE, Objective, _channels_last, _reduce_space, neuron
@@ -144,17 +144,6 @@ def _as_neuron_list(neurons: int | Sequence[int] | Tensor | None, name: str = "n
     if t.unique().numel() != t.numel():
         raise ValueError(f"{name} contains duplicates: {t.tolist()}")
     return t
-
-
-def _space_sum(t: Tensor) -> Tensor:
-    """Single-target contributions ``(N, C, H, W) | (N, T, D) | (N, D) → (N, C)``."""
-    if t.dim() == 4:
-        return t.sum(dim=(2, 3))
-    if t.dim() == 3:
-        return t.sum(dim=1)
-    if t.dim() == 2:
-        return t
-    raise ValueError(f"unsupported circuit-layer output shape {tuple(t.shape)}")
 
 
 def l1_normalize(c: Tensor, eps: float = 1e-12) -> Tensor:
@@ -517,12 +506,12 @@ def _autograd_rows(
     xs = x[uniq].to(_model_device(model))
     if len(uniq) == len(sample) and bool((inv == torch.arange(len(inv))).all()):  # one row per sample
         obj = neuron(layer, unit.to(xs.device), reduce=reduce)
-        return _space_sum(layer_contributions(model, circuit_layer, xs, obj, method="act_grad"))
+        return spatial_sum(layer_contributions(model, circuit_layer, xs, obj, method="act_grad"))
     at = circuit_layer if replicate_at is None else replicate_at
     try:
         with _replicate(model, at, inv):
             obj = neuron(layer, unit.to(xs.device), reduce=reduce)
-            c = _space_sum(layer_contributions(model, circuit_layer, xs, obj, method="act_grad"))
+            c = spatial_sum(layer_contributions(model, circuit_layer, xs, obj, method="act_grad"))
     except RuntimeError as e:
         if "size" not in str(e) and "shape" not in str(e):
             raise
@@ -554,7 +543,7 @@ def _autograd_rows(
     k2 = unit[inv.new_zeros(len(uniq)).scatter_(0, inv, torch.arange(len(inv)))][:, None].repeat(1, m)
     k2[inv, pos] = unit
     contrib = layer_contributions(model, circuit_layer, xs, _paired_neurons(layer, k2.to(xs.device), reduce))
-    c = _space_sum(contrib.flatten(0, 1)).unflatten(0, contrib.shape[:2])  # (U, M, C)
+    c = spatial_sum(contrib.flatten(0, 1)).unflatten(0, contrib.shape[:2])  # (U, M, C)
     return c[inv.to(c.device), pos.to(c.device)]
 
 
