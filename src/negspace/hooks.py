@@ -15,6 +15,7 @@ model is never left hooked, also when the body raises.
 
 from __future__ import annotations
 
+import abc
 import difflib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -208,11 +209,12 @@ def hook_count(model: nn.Module) -> int:
     return total
 
 
-class PersistentEdit:
+class PersistentEdit(abc.ABC):
     """Base class of persistent, removable, checkpointable output edits (channel ablation, virtual-neuron
     routing, ...).
 
-    Subclasses set ``self.layers`` (dotted names) and implement :meth:`edit`; state must be tensors and
+    Subclasses set ``self.layers`` (dotted names) and implement :meth:`edit` (which sees the layer's output
+    and its positional inputs), :meth:`state_dict` and :meth:`load_state_dict`; state must be tensors and
     primitives (``state_dict``) so that checkpoints load with ``weights_only=True``. Usage::
 
         edit = SomeEdit(...).apply(model)   # hooks registered; visible in repr(edit)
@@ -227,10 +229,11 @@ class PersistentEdit:
     def __init__(self) -> None:
         self._handles: list = []
         self._model_name: str | None = None
+        self._modules: dict[str, nn.Module] = {}  # layer name -> module while applied
 
-    def edit(self, name: str, output: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """Return the edited output of layer ``name`` (same shape)."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def edit(self, name: str, output: Tensor, inputs: tuple = ()) -> Tensor:
+        """Return the edited output of layer ``name`` (same shape); ``inputs`` are the layer's positional inputs."""
 
     @property
     def active(self) -> bool:
@@ -248,12 +251,13 @@ class PersistentEdit:
             self.remove()
             raise
         self._model_name = type(model).__name__
+        self._modules = modules
         return self
 
     def _make_hook(self, name: str, module: nn.Module) -> Callable:
-        def hook(_mod: nn.Module, _inp: object, output: object) -> Tensor:
+        def hook(_mod: nn.Module, inputs: tuple, output: object) -> Tensor:
             out = _check_tensor_output(name, module, output)
-            new = self.edit(name, out)
+            new = self.edit(name, out, inputs)
             if new.shape != out.shape:
                 raise RuntimeError(f"{type(self).__name__}.edit changed the shape of {name!r} output")
             return new
@@ -266,6 +270,7 @@ class PersistentEdit:
             h.remove()
         self._handles = []
         self._model_name = None
+        self._modules = {}
 
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[PersistentEdit]:
@@ -276,11 +281,13 @@ class PersistentEdit:
         finally:
             self.remove()
 
-    def state_dict(self) -> dict:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def state_dict(self) -> dict:
+        """Tensors and primitives only (checkpoints load with ``weights_only=True``)."""
 
-    def load_state_dict(self, state: dict) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
 
 
 _RELU_FLAG = "_negspace_frozen_relu_masks"

@@ -11,6 +11,7 @@ integration path (IG) the same classes are explained at every step.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import torch
@@ -28,14 +29,15 @@ __all__ = [
 ]
 
 
-class Objective:
+class Objective(abc.ABC):
     """Base class. Subclasses implement :meth:`__call__`; ``layer`` names the module whose output is
     passed instead of the logits (``None``: the model output)."""
 
     layer: str | None = None
 
-    def __call__(self, out: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, out: Tensor) -> Tensor:
+        """``out`` (logits, or the layer's activation) → ``(B,)`` or ``(B, K)``."""
 
     def fix(self, out: Tensor) -> Objective:
         """Return an objective whose data-dependent choices are frozen at ``out`` (default: self)."""

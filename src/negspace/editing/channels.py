@@ -99,7 +99,7 @@ class ChannelEdit(PersistentEdit):
             return t.view(shape)
         return float(v)
 
-    def edit(self, name: str, output: Tensor) -> Tensor:
+    def edit(self, name: str, output: Tensor, inputs: tuple = ()) -> Tensor:
         dim = channel_dim(output)
         c = output.shape[dim]
         idx = self.channels[name]

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -1014,14 +1014,9 @@ class VirtualNeuronRouter(PersistentEdit):
         super().apply(model)
         return self
 
-    def edit(self, name: str, output: Tensor) -> Tensor:  # pragma: no cover - routing needs the layer input
-        raise NotImplementedError("VirtualNeuronRouter routes inside its own hook (it needs the layer input)")
-
-    def _make_hook(self, name: str, module: nn.Module) -> Callable:
-        def hook(_mod: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            return self.route(module, args[0], output)
-
-        return hook
+    def edit(self, name: str, output: Tensor, inputs: tuple = ()) -> Tensor:
+        """Route the layer's output using its input (the circuit layer's activation)."""
+        return self.route(self._modules[name], inputs[0], output)
 
     def labels(self, module: nn.Module, a: Tensor, out: Tensor, k: int) -> Tensor:
         """Virtual neuron of neuron ``k``: ``(N,)`` (sample mode) or ``(N, P)`` (position mode)."""
