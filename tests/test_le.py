@@ -468,6 +468,9 @@ if __name__ == "__main__":
     trainer.validate(Module(), DataLoader(TensorDataset(x, y), batch_size=50), verbose=False)
     with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
         json.dump({"exps": [e.to_dict() for e in cb.result], "ablation": cb.ablation_scores}, f)
+    # tear gloo down before interpreter exit: otherwise its threads can abort the process at exit
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 '''
 
 

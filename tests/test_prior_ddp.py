@@ -95,6 +95,9 @@ SCRIPT = textwrap.dedent(
         trainer.fit(module, Data())
         if trainer.global_rank == 0:
             torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, out)
+        # tear gloo down before interpreter exit: otherwise its threads can abort the process at exit
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     """
 )
 
