@@ -36,7 +36,7 @@ from negspace.editing.contributions import (
 from negspace.hooks import hook_count
 from negspace.objectives import entropy, logit
 
-torch.set_num_threads(1)  # 2 shared cores: intra-op threads only add contention for these tiny nets
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets: one intra-op thread
 
 
 def tiny_cnn(c1: int = 16, c2: int = 32) -> nn.Sequential:

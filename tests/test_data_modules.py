@@ -27,13 +27,7 @@ from negspace.data_modules.patches import default_dilation, dilate_mask, draw_pa
 from negspace.data_modules.toy import green_pixel_images, motion_sequences
 from negspace.data_modules.transforms import apply_albumentations
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _base(n: int = 40, size: int = 32, n_classes: int = 2, seed: int = 0) -> TensorDataset:

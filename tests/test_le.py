@@ -42,14 +42,7 @@ from negspace.explain.linear import Explanation, elastic_net_weights, linear_exp
 from negspace.explain.simulation import ablation_score, area_chart, correlation_score, top_impact  # noqa: E402
 from negspace.hooks import hook_count  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny ops on a loaded 2-core machine are ~100x slower with OpenMP spinning on 2 threads
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference_greedy(y, p, ranking, tr, va, v=10, r=10, eps=0.02):

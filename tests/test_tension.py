@@ -43,12 +43,7 @@ from negspace.objectives import direction, neuron
 SIZE = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threads only add contention on shared CPUs
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: threads only add contention
 
 
 @pytest.fixture(scope="module")

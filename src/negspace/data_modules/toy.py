@@ -6,6 +6,8 @@ Both are generated in memory (vectorised torch, deterministic per seed) and serv
 
 from __future__ import annotations
 
+import abc
+
 import lightning as L
 import torch
 from torch import Tensor
@@ -109,17 +111,22 @@ def motion_sequences(
     return x, labels, masks
 
 
-class _TensorSplitsDataModule(L.LightningDataModule):
-    """Train/val/test :class:`DictTensorDataset` splits; ``val``/``test`` loaders are single loaders."""
+class _TensorSplitsDataModule(L.LightningDataModule, abc.ABC):
+    """Train/val/test :class:`DictTensorDataset` splits of ``n_train``/``n_val``/``n_test`` samples;
+    ``val``/``test`` loaders are single loaders. Subclasses implement :meth:`_make`."""
 
-    def __init__(self, batch_size: int, num_workers: int) -> None:
+    def __init__(self, batch_size: int, num_workers: int, n_train: int, n_val: int, n_test: int) -> None:
         super().__init__()
         _check_loader_args(batch_size, num_workers)
+        for name, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+            _check_n(name, v, 1)
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.n = {"train": n_train, "val": n_val, "test": n_test}
         self.datasets: dict[str, DictTensorDataset] = {}
 
-    def _make(self, split: str) -> DictTensorDataset:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _make(self, split: str) -> DictTensorDataset:
+        """Generate the dataset of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
 
     def _get(self, split: str) -> DictTensorDataset:
         if split not in self.datasets:
@@ -159,11 +166,8 @@ class GreenPixelDataModule(_TensorSplitsDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers)
-        for name, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-            _check_n(name, v, 1)
+        super().__init__(batch_size, num_workers, n_train, n_val, n_test)
         _check_n("image_size", image_size, 4)
-        self.n = {"train": n_train, "val": n_val, "test": n_test}
         self.image_size, self.seed = image_size, seed
 
     def _make(self, split: str) -> DictTensorDataset:
@@ -192,10 +196,7 @@ class MotionDataModule(_TensorSplitsDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers)
-        for name, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-            _check_n(name, v, 1)
-        self.n = {"train": n_train, "val": n_val, "test": n_test}
+        super().__init__(batch_size, num_workers, n_train, n_val, n_test)
         self.width, self.height, self.max_objects, self.seed = width, height, max_objects, seed
         motion_sequences(2, width, height, 0, max_objects)  # validates width/height now
 
