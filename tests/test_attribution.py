@@ -12,9 +12,9 @@ from captum.attr import (
 )
 from torch import nn
 
+from helpers import hook_count
 from negspace import objectives as obj
 from negspace.attribution import input_x_gradient, integrated_gradients, layer_contributions
-from negspace.hooks import hook_count
 
 
 def small_cnn(bias: bool = True, act: type[nn.Module] = nn.ReLU, classes: int = 3) -> nn.Module:

@@ -10,8 +10,8 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from helpers import hook_count
 from negspace.attribution import input_x_gradient, layer_contributions
-from negspace.attribution.reduce import spatial_sum
 from negspace.editing import ablate_channels, preserve_channels
 from negspace.editing.codec import (
     ContributionSAE,
@@ -33,8 +33,8 @@ from negspace.editing.contributions import (
     compute_contributions,
     contributions_batch,
 )
-from negspace.hooks import hook_count
 from negspace.objectives import entropy, logit
+from negspace.reduce import spatial_sum
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets: one intra-op thread
 

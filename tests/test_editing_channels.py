@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import hook_count
 from negspace.editing import ChannelEdit, ablate_channels, preserve_channels
-from negspace.hooks import hook_count
 
 
 def conv_net() -> nn.Module:

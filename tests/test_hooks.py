@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from negspace.hooks import StopForward, capture, get_layer, hook_count, intervene, layer_names, run_until
+from helpers import hook_count
+from negspace.hooks import StopForward, capture, get_layer, intervene, layer_names, run_until
 
 
 def net() -> nn.Module:

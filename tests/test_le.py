@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from negspace.explain.clip import encode_images, encode_texts, load_clip
+from negspace.models.clip import encode_images, encode_texts, load_clip
 
 
 def test_tiny_clip_encodes_to_unit_vectors():
@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from torch import nn  # noqa: E402
 
+from helpers import hook_count  # noqa: E402
 from negspace.explain.concepts import (  # noqa: E402
     activation_summary,
     builtin_concepts,
@@ -40,7 +41,6 @@ from negspace.explain.concepts import (  # noqa: E402
 )
 from negspace.explain.linear import Explanation, elastic_net_weights, linear_explanation, split_indices  # noqa: E402
 from negspace.explain.simulation import ablation_score, area_chart, correlation_score, top_impact  # noqa: E402
-from negspace.hooks import hook_count  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

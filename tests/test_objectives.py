@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from negspace import objectives as obj
-from negspace.attribution._core import forward_objective
+from negspace.attribution.engine import forward_objective
 
 
 def test_logit_objectives():

@@ -12,8 +12,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from helpers import is_wrapped
 from negspace.callbacks import AttributionPrior
-from negspace.callbacks.prior import is_wrapped
 from negspace.priors import prior_loss
 
 B, N_BATCHES, HW = 4, 4, 6

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import hook_count
 from negspace.editing.embeddings import (
     activation_vectors,
     attribution_heatmaps,
@@ -31,7 +32,7 @@ from negspace.editing.pure import (
     fit_virtual_neurons,
     reference_samples,
 )
-from negspace.hooks import capture, hook_count
+from negspace.hooks import capture
 
 N_A, N_B, N_NOISE = 30, 30, 20
 
@@ -344,7 +345,7 @@ class StubEncoder(nn.Module):
 
 def test_embeddings_with_tiny_clip_and_stub(toy):
     torch.manual_seed(0)
-    from negspace.explain.clip import load_clip
+    from negspace.models.clip import load_clip
 
     clip = load_clip("tiny")[0]
     emb = embed(torch.rand(4, 3, 20, 20), clip)  # resized to 32 and CLIP-normalised

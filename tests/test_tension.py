@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from scipy.stats import ttest_ind
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers import hook_count
 from negspace.attribution import input_x_gradient, layer_contributions
 from negspace.callbacks import TensionReport
 from negspace.data_modules.toy import green_pixel_images, motion_sequences
@@ -36,7 +37,6 @@ from negspace.explain import (
 from negspace.explain.atlas import embed_2d, grid_average
 from negspace.explain.featureviz import FourierImage
 from negspace.explain.tension import channel_values
-from negspace.hooks import hook_count
 from negspace.models.toy import GreenPixelNet, MotionDetector
 from negspace.objectives import direction, neuron
 

@@ -1,3 +1,7 @@
 """negspace: mechanistic-interpretability methods inside PyTorch Lightning loops."""
 
-__version__ = "0.1.0"
+from negspace import _compat
+
+_compat.install()
+
+__version__ = "0.2.0"

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 
-def attach(package: str, names: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
-    """Return ``(__getattr__, __dir__, __all__)`` for ``package`` given ``{public name: submodule}``."""
+def attach(
+    package: str, names: Mapping[str, str], deprecated: Mapping[str, str] | None = None
+) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
+    """Return ``(__getattr__, __dir__, __all__)`` for ``package`` given ``{public name: submodule}``.
+
+    A submodule is relative to ``package`` unless it starts with ``negspace.``. ``deprecated`` maps old public
+    names to ``"module:new_name"``; using one warns with a ``DeprecationWarning`` naming the new place.
+    """
+    deprecated = dict(deprecated or {})
 
     def __getattr__(name: str) -> Any:
         if name in names:
-            return getattr(importlib.import_module(f"{package}.{names[name]}"), name)
+            mod = names[name]
+            return getattr(importlib.import_module(mod if mod.startswith("negspace.") else f"{package}.{mod}"), name)
+        if name in deprecated:
+            mod, new = deprecated[name].split(":")
+            warnings.warn(f"{package}.{name} is deprecated; use {mod}.{new}", DeprecationWarning, stacklevel=2)
+            return getattr(importlib.import_module(mod), new)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     def __dir__() -> list[str]:

@@ -12,13 +12,17 @@ many projects yield tuples ``(image, label[, mask[, group]])``. Everything else 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["ROLES", "Batch", "BatchKeys", "unpack_batch"]
+__all__ = ["ROLES", "Batch", "BatchKeys", "collect_images", "images_of", "iter_batches", "iter_images", "unpack_batch"]
+
+#: data accepted by dataset-level functions: a tensor of images ``(N, ...)`` or an iterable of batches
+Data = Tensor | Iterable[Any]
 
 ROLES = ("image", "label", "mask", "group")
 _POSITIONS = {role: i for i, role in enumerate(ROLES)}
@@ -112,3 +116,53 @@ def unpack_batch(
     """One-off form of :meth:`BatchKeys.unpack`."""
     keys = batch_keys if isinstance(batch_keys, BatchKeys) else BatchKeys(batch_keys)
     return keys.unpack(batch, require=require, who=who)
+
+
+def images_of(batch: Any, batch_keys: object = None, *, who: str = "negspace") -> Tensor:
+    """The image tensor of one batch, by the layout rules above."""
+    return unpack_batch(batch, batch_keys, who=who).image
+
+
+def iter_batches(
+    data: Data, batch_keys: object = None, *, batch_size: int = 64, require: Sequence[str] = ("image",),
+    who: str = "negspace",
+) -> Iterator[Batch]:
+    """Yield :class:`Batch` objects from a tensor of images ``(N, ...)`` (split into ``batch_size`` chunks)
+    or from an iterable of batches (a ``DataLoader``, a list of dicts/tuples)."""
+    keys = batch_keys if isinstance(batch_keys, BatchKeys) else BatchKeys(batch_keys)
+    if isinstance(data, Tensor):
+        if data.dim() < 2 or data.shape[0] == 0:
+            raise ValueError(f"{who}: data must be a non-empty batch (N, ...), got shape {tuple(data.shape)}")
+        if [r for r in require if r != "image"]:
+            raise ValueError(f"{who}: a bare image tensor carries no {[r for r in require if r != 'image']}; pass batches")
+        for chunk in data.split(batch_size):
+            yield Batch(chunk)
+        return
+    if not isinstance(data, Iterable):
+        raise TypeError(f"{who}: data must be a tensor (N, ...) or an iterable of batches, got {type(data).__name__}")
+    for batch in data:
+        yield keys.unpack(batch, require=require, who=who)
+
+
+def iter_images(data: Data, batch_keys: object = None, *, batch_size: int = 64, who: str = "negspace") -> Iterator[Tensor]:
+    """Yield image tensors ``(B, ...)`` from a tensor or an iterable of batches (see :func:`iter_batches`)."""
+    for b in iter_batches(data, batch_keys, batch_size=batch_size, who=who):
+        yield b.image
+
+
+def collect_images(
+    data: Data, batch_keys: object = None, *, max_images: int | None = None, who: str = "negspace"
+) -> Tensor:
+    """All images of ``data`` in one tensor ``(N, ...)`` (the first ``max_images`` if given), detached."""
+    if max_images is not None and (not isinstance(max_images, int) or max_images < 1):
+        raise ValueError(f"{who}: max_images must be a positive int or None, got {max_images!r}")
+    parts, n = [], 0
+    for img in iter_images(data, batch_keys, batch_size=max_images or 1024, who=who):
+        parts.append(img.detach())
+        n += img.shape[0]
+        if max_images is not None and n >= max_images:
+            break
+    if not parts:
+        raise ValueError(f"{who}: data is empty")
+    x = torch.cat(parts)
+    return x if max_images is None else x[:max_images]

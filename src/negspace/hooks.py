@@ -26,12 +26,17 @@ from torch import Tensor, nn
 
 __all__ = [
     "Captured",
+    "PersistentEdit",
     "StopForward",
     "capture",
+    "eval_mode",
+    "frozen_relu_masks",
     "get_layer",
     "intervene",
     "layer_names",
+    "model_device",
     "normalize_layers",
+    "run_until",
 ]
 
 
@@ -200,13 +205,31 @@ def intervene(model: nn.Module, edits: Mapping[str, EditFn | Tensor]) -> Iterato
             h.remove()
 
 
-def hook_count(model: nn.Module) -> int:
-    """Number of forward/backward hooks currently registered anywhere in ``model`` (for tests)."""
-    total = 0
-    for m in model.modules():
-        total += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        total += len(getattr(m, "_backward_pre_hooks", {}))
-    return total
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode (BatchNorm running stats, no dropout) and restore each submodule's
+    own flag on exit, also after an exception.
+
+    The one way negspace switches modes for analysis: unlike ``was = model.training; model.eval(); ...;
+    model.train(was)``, it keeps an intentionally frozen eval-mode submodule (a BatchNorm backbone being
+    fine-tuned with frozen statistics) in eval mode afterwards.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of ``model``'s first parameter (or buffer); CPU for a module without either."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 class PersistentEdit(abc.ABC):

@@ -12,19 +12,26 @@ integration path (IG) the same classes are explained at every step.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from negspace.reduce import channels_last, reduce_positions
+
 __all__ = [
+    "TARGET_NAMES",
     "Objective",
+    "Target",
+    "as_target",
     "contrastive",
     "direction",
     "entropy",
     "logit",
+    "named_target",
     "neuron",
     "top_logit",
+    "top_prob",
     "topk_sum",
 ]
 
@@ -98,6 +105,18 @@ class top_logit(Objective):
         return logit(out.detach().argmax(dim=1))
 
 
+class top_prob(Objective):
+    """Softmax probability of the predicted class (chosen at the actual input, see :meth:`fix`); CODEC's
+    target (paper 002, supplement 10.5/10.8)."""
+
+    def __call__(self, out: Tensor) -> Tensor:
+        _check_logits(out, "top_prob")
+        return out.softmax(dim=1).max(dim=1).values
+
+    def fix(self, out: Tensor) -> Objective:
+        return topk_sum(1, softmax=True, _idx=out.detach().argmax(dim=1, keepdim=True))
+
+
 class topk_sum(Objective):
     """Sum of the k largest logits (or softmax probabilities with ``softmax=True``)."""
 
@@ -156,33 +175,6 @@ class contrastive(Objective):
 
 _REDUCE = ("mean", "max", "sum", "center")
 
-
-def _channels_last(act: Tensor) -> Tensor:
-    """(B, C, H, W) → (B, H*W, C); (B, T, D) stays; (B, D) → (B, 1, D)."""
-    if act.dim() == 4:
-        return act.flatten(2).transpose(1, 2)
-    if act.dim() == 3:
-        return act
-    if act.dim() == 2:
-        return act[:, None, :]
-    raise ValueError(f"unsupported activation shape {tuple(act.shape)}; expected (B,C,H,W), (B,T,D) or (B,D)")
-
-
-def _reduce_space(vals: Tensor, reduce: str, act: Tensor) -> Tensor:
-    """vals: (B, S, K) → (B, K)."""
-    if reduce == "mean":
-        return vals.mean(dim=1)
-    if reduce == "sum":
-        return vals.sum(dim=1)
-    if reduce == "max":
-        return vals.max(dim=1).values
-    # center: the central spatial position (tokens: the middle token)
-    if act.dim() == 4:
-        h, w = act.shape[-2:]
-        return vals[:, (h // 2) * w + w // 2]
-    return vals[:, vals.shape[1] // 2]
-
-
 class neuron(Objective):
     """Activation of channel/unit ``index`` at ``layer``, reduced over space (or tokens).
 
@@ -201,7 +193,7 @@ class neuron(Objective):
         self.reduce = reduce
 
     def __call__(self, act: Tensor) -> Tensor:
-        flat = _channels_last(act)  # (B, S, C)
+        flat = channels_last(act)  # (B, S, C)
         c = flat.shape[-1]
         idx = torch.as_tensor(self.index, device=act.device, dtype=torch.long)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= c):
@@ -209,14 +201,14 @@ class neuron(Objective):
                 f"neuron: index {self.index!r} out of range for layer {self.layer!r} with {c} channels"
             )
         if idx.dim() == 0:
-            return _reduce_space(flat[..., idx.item()][..., None], self.reduce, act)[:, 0]
+            return reduce_positions(flat[..., idx.item()][..., None], self.reduce, act)[:, 0]
         if isinstance(self.index, Tensor) and idx.dim() == 1:  # one unit per sample
             if idx.shape[0] != flat.shape[0]:
                 raise ValueError(f"neuron: per-sample index needs B={flat.shape[0]} entries, got {idx.shape[0]}")
             sel = flat.gather(2, idx[:, None, None].expand(-1, flat.shape[1], 1))
-            return _reduce_space(sel, self.reduce, act)[:, 0]
+            return reduce_positions(sel, self.reduce, act)[:, 0]
         if idx.dim() == 1:
-            return _reduce_space(flat[..., idx], self.reduce, act)
+            return reduce_positions(flat[..., idx], self.reduce, act)
         raise ValueError(f"neuron: index must be int, list of ints or (B,) tensor, got shape {tuple(idx.shape)}")
 
 
@@ -234,10 +226,65 @@ class direction(Objective):
         self.reduce = reduce
 
     def __call__(self, act: Tensor) -> Tensor:
-        flat = _channels_last(act)
+        flat = channels_last(act)
         if flat.shape[-1] != self.vector.numel():
             raise ValueError(
                 f"direction: vector has {self.vector.numel()} entries, layer {self.layer!r} has {flat.shape[-1]} channels"
             )
         proj = flat @ self.vector.to(flat)
-        return _reduce_space(proj[..., None], self.reduce, act)[:, 0]
+        return reduce_positions(proj[..., None], self.reduce, act)[:, 0]
+
+
+# ------------------------------------------------------------------------------------------ coercion
+#: a target as every negspace function accepts it
+Target = int | Sequence[int] | Tensor | Objective | Callable[[Tensor], Tensor]
+
+#: target names accepted where a YAML-expressible target is needed (callbacks, CODEC)
+TARGET_NAMES: tuple[str, ...] = ("top_logit", "top_prob", "topk", "entropy", "contrastive", "label")
+
+
+def as_target(target: Target) -> Objective | Callable[[Tensor], Tensor]:
+    """The one target coercer: ``int`` / ``LongTensor (B,)`` / ``(B, K)`` / list of ints / objective / callable
+    → a callable ``logits -> (B,) | (B, K)``."""
+    if isinstance(target, bool):
+        raise TypeError("target must be an int class index, a LongTensor (B,) or (B, K), or an objective; got bool")
+    if isinstance(target, int):
+        return logit(target)
+    if isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex():
+            raise TypeError(f"target tensor must hold integer class indices, got dtype {target.dtype}")
+        if target.dim() == 0:
+            return logit(int(target))
+        if target.dim() not in (1, 2):
+            raise ValueError(f"target must be (B,) or (B, K), got shape {tuple(target.shape)}")
+        return logit(target.long())
+    if isinstance(target, Objective) or callable(target):
+        return target
+    if isinstance(target, Sequence) and not isinstance(target, str) and all(isinstance(t, int) for t in target):
+        return logit(list(target))
+    raise TypeError(
+        "target must be an int, a LongTensor (B,) or (B, K), or an objective from negspace.objectives; "
+        f"got {type(target).__name__}"
+    )
+
+
+def named_target(target: str | Objective | Callable[[Tensor], Tensor], *, k: int = 5) -> Objective | Callable | str:
+    """Resolve a target *name* (YAML-friendly) to an objective; objectives and callables pass through.
+
+    ``"label"`` stays the string ``"label"``: it needs the batch labels, which the caller supplies.
+    """
+    if isinstance(target, Objective) or (callable(target) and not isinstance(target, str)):
+        return target
+    if target == "top_logit":
+        return top_logit()
+    if target == "top_prob":
+        return top_prob()
+    if target == "topk":
+        return topk_sum(k)
+    if target == "entropy":
+        return entropy()
+    if target == "contrastive":
+        return contrastive()
+    if target == "label":
+        return "label"
+    raise ValueError(f"target must be one of {TARGET_NAMES} or an objective from negspace.objectives, got {target!r}")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from negspace.attribution import input_x_gradient, integrated_gradients, relative_mass_in_mask
-from negspace.attribution._core import check_input, grads_per_target
+from negspace.attribution.engine import check_input, grads_per_target
 from negspace.objectives import Objective, logit
 
 __all__ = [

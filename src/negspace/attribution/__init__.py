@@ -2,7 +2,7 @@
 
 from negspace.attribution.hidden import METHODS, layer_contributions
 from negspace.attribution.input import input_x_gradient, integrated_gradients
-from negspace.attribution.reduce import ei_split, hoyer, relative_mass_in_mask, spatial_sum
+from negspace.reduce import ei_split, hoyer, relative_mass_in_mask, spatial_sum
 
 __all__ = [
     "METHODS",

@@ -22,9 +22,9 @@ import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 
-from negspace.attribution._core import (
+from negspace.attribution.engine import (
     Target,
-    as_objective,
+    as_target,
     check_input,
     fix_objective,
     forward_objective,
@@ -98,7 +98,7 @@ def layer_contributions(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     names, single = normalize_layers(layers)
     check_input(x)
-    objective = fix_objective(model, x, as_objective(target))
+    objective = fix_objective(model, x, as_target(target))
     if method in ("act_grad", "act_normgrad"):
         result = _act_grad(model, names, x, objective, method == "act_normgrad", create_graph)
     elif method == "input_grad":

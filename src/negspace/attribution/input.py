@@ -8,9 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from negspace.attribution._core import (
+from negspace.attribution.engine import (
     Target,
-    as_objective,
+    as_target,
     check_input,
     fix_objective,
     forward_objective,
@@ -52,7 +52,7 @@ def input_x_gradient(
         ``(B, ...)`` like ``x``, or ``(B, K, ...)`` for ``(B, K)`` targets (one forward, K batched backwards).
     """
     check_input(x)
-    objective = as_objective(target)
+    objective = as_target(target)
     xg = x.detach().requires_grad_(True)
     with torch.enable_grad(), _double_backward_ctx(model, create_graph):
         vals = forward_objective(model, xg, objective)
@@ -82,7 +82,7 @@ def integrated_gradients(
         ``(B, ...)`` or ``(B, K, ...)``; ``attr.flatten(1).sum(1) ≈ f(x)[t] - f(baseline)[t]``.
     """
     check_input(x)
-    objective = fix_objective(model, x, as_objective(target))
+    objective = fix_objective(model, x, as_target(target))
     base = make_baseline(baseline, x)
     alphas, weights = quadrature(n_steps, method)
     b = x.shape[0]

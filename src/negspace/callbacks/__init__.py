@@ -11,7 +11,7 @@ from negspace._lazy import attach
 # public name -> submodule of this package that defines it
 _LAZY: dict[str, str] = {
     "AttributionPrior": "prior",
-    "ChannelEdit": "codec",
+    "ChannelEdit": "edit",
     "CodecModes": "codec",
     "VirtualNeurons": "pure",
     "LinearExplanations": "le",

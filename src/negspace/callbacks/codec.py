@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from negspace.callbacks._utils import output_dir
+from negspace.callbacks.base import output_dir
 from negspace.editing import channels as _channels
 from negspace.editing.codec import (
     ContributionSAE,

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from negspace.callbacks._utils import output_dir
+from negspace.callbacks.base import output_dir
 from negspace.explain.concepts import BUILTIN_CONCEPT_SETS, label_concepts, split_batch, summarize
 from negspace.explain.linear import Explanation, linear_explanation
 from negspace.explain.simulation import ablation_score, area_chart, correlation_score

@@ -94,11 +94,6 @@ def _uninstall(module: LightningModule, cb: AttributionPrior) -> None:
         module.__dict__.pop(_REGISTRY, None)
 
 
-def is_wrapped(module: nn.Module) -> bool:
-    """True while an AttributionPrior wrapper is installed on ``module`` (for tests and debugging)."""
-    return _REGISTRY in module.__dict__
-
-
 # --------------------------------------------------------------------------------------- callback
 class AttributionPrior(Callback):
     """Add paper 000's attribution prior ``lam · prior_loss`` to an unmodified module's training loss.

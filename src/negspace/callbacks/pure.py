@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from negspace.callbacks._utils import output_dir
+from negspace.callbacks.base import output_dir
 from negspace.editing import pure as P
 
 __all__ = ["VirtualNeurons"]
@@ -159,7 +159,7 @@ class VirtualNeurons(L.Callback):
             return
         encoder = self.encoder
         if isinstance(encoder, str):
-            from negspace.explain.clip import load_clip
+            from negspace.models.clip import load_clip
 
             encoder = load_clip(encoder, pretrained=self.pretrained)[0]
         device = P._model_device(pl_module)

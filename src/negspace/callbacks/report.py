@@ -16,7 +16,7 @@ from torch import Tensor
 
 from negspace.attribution import input_x_gradient, integrated_gradients
 from negspace.batch import BatchKeys
-from negspace.callbacks._utils import output_dir
+from negspace.callbacks.base import output_dir
 from negspace.metrics.group import DEFAULT_SPLITS, AttributionInMask, GroupAccuracy
 
 __all__ = ["BiasedSplitReport", "format_table"]

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from negspace.callbacks._utils import output_dir
+from negspace.callbacks.base import output_dir
 from negspace.explain.tension import (
     InsertionResult,
     PatchResult,

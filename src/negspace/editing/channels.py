@@ -20,8 +20,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from negspace.attribution.reduce import channel_dim
 from negspace.hooks import PersistentEdit
+from negspace.reduce import channel_dim
 
 __all__ = ["MODES", "ChannelEdit", "ablate_channels", "preserve_channels"]
 

@@ -42,10 +42,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from negspace.attribution import layer_contributions
-from negspace.attribution.reduce import ei_split, spatial_sum
 from negspace.batch import unpack_batch as _unpack
 from negspace.hooks import capture, get_layer, normalize_layers
 from negspace.objectives import Objective, contrastive, entropy, logit, top_logit, topk_sum
+from negspace.reduce import ei_split, spatial_sum
 
 __all__ = [
     "FEATURES",

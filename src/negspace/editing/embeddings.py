@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from negspace.attribution import input_x_gradient
 from negspace.editing.pure import eval_mode, inter_intra
 from negspace.hooks import capture, run_until
-from negspace.objectives import _channels_last, _reduce_space, neuron
+from negspace.objectives import neuron
+from negspace.reduce import channels_last as _channels_last
+from negspace.reduce import reduce_positions as _reduce_space
 
 __all__ = [
     "activation_clustering",
@@ -161,11 +163,11 @@ def embed(
 ) -> Tensor:
     """L2-normalised image embeddings ``(N, E)`` of ``images (N, 3, H, W)`` in ``[0, 1]``.
 
-    ``encoder``: a model with ``encode_image`` (e.g. from :func:`negspace.explain.clip.load_clip`) or an
+    ``encoder``: a model with ``encode_image`` (e.g. from :func:`negspace.models.clip.load_clip`) or an
     open_clip name loaded with ``load_clip(encoder, pretrained)`` (random weights unless ``pretrained``).
     ``preprocess="auto"`` resizes to the model's image size and applies its mean/std; ``None`` = as is.
     """
-    from negspace.explain.clip import encode_images, load_clip
+    from negspace.models.clip import encode_images, load_clip
 
     if isinstance(encoder, str):
         encoder = load_clip(encoder, pretrained=pretrained)[0]

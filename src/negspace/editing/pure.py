@@ -49,7 +49,9 @@ from tqdm.auto import tqdm
 from negspace.attribution import layer_contributions, spatial_sum
 from negspace.batch import unpack_batch
 from negspace.hooks import PersistentEdit, StopForward, capture, get_layer, run_until
-from negspace.objectives import _REDUCE, Objective, _channels_last, _reduce_space, neuron
+from negspace.objectives import _REDUCE, Objective, neuron
+from negspace.reduce import channels_last as _channels_last
+from negspace.reduce import reduce_positions as _reduce_space
 
 __all__ = [
     "References",

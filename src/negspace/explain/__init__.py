@@ -1,51 +1,33 @@
-"""Neuron-level analysis: concepts, linear explanations, simulation scores, tension, feature visualisation.
+"""Analyses, one wing per paper: ``codec`` (002), ``pure`` (004), ``le`` (003), ``tension`` (001, 000).
 
-Public names are imported lazily (``from negspace.explain import X`` loads only X's module), so importing
-one capability never pulls in the dependencies of another.
+Public names are imported lazily (``from negspace.explain import X`` loads only X's wing), so importing one
+capability never pulls in the dependencies of another.
 """
 
 from __future__ import annotations
 
 from negspace._lazy import attach
 
-# public name -> submodule of this package that defines it
-_LAZY: dict[str, str] = {
-    "layer_to_feature_attribution": "tension",
-    "tension_stats": "tension",
-    "TensionResult": "tension",
-    "e_split": "tension",
-    "phi_maps": "tension",
-    "completeness_correlation": "tension",
-    "select_images": "tension",
-    "select_mti": "tension",
-    "uniqueness": "tension",
-    "activating_patches": "tension",
-    "PatchResult": "tension",
-    "insertion_test": "tension",
-    "InsertionResult": "tension",
-    "non_target_attribution": "tension",
-    "visualize": "featureviz",
-    "attribution_inversion": "featureviz",
-    "dot_cos": "featureviz",
-    "FourierImage": "featureviz",
-    "random_transform": "featureviz",
-    "attribution_atlas": "atlas",
-    "Atlas": "atlas",
-    "linear_explanation": "linear",
-    "Explanation": "linear",
-    "correlation_score": "simulation",
-    "ablation_score": "simulation",
-    "top_impact": "simulation",
-    "area_chart": "simulation",
-    "split_indices": "linear",
-    "activation_summary": "concepts",
-    "label_concepts": "concepts",
-    "builtin_concepts": "concepts",
-    "clip_concept_matrix": "concepts",
-    "fit_sigmoid_calibration": "concepts",
-    "load_clip": "clip",
-    "encode_images": "clip",
-    "encode_texts": "clip",
-}
+_WINGS: dict[str, tuple[str, ...]] = {
+    "codec": (
+        "ContributionSAE", "ContributionSet", "ContributionStore", "compute_contributions", "contribution_statistics",
+        "fit_modes", "select_channels", "perturbation_sweep", "contribution_map",
+    ),
+    "pure": ("VirtualNeuronSet", "fit_virtual_neurons", "reference_samples", "circuits", "compare_clusterings"),
+    "le": (
+        "linear_explanation", "Explanation", "correlation_score", "ablation_score", "top_impact", "area_chart",
+        "split_indices", "activation_summary", "label_concepts", "builtin_concepts", "clip_concept_matrix",
+        "fit_sigmoid_calibration",
+    ),
+    "tension": (
+        "layer_to_feature_attribution", "tension_stats", "TensionResult", "e_split", "phi_maps",
+        "completeness_correlation", "select_images", "select_mti", "uniqueness", "activating_patches",
+        "PatchResult", "insertion_test", "InsertionResult", "non_target_attribution", "visualize",
+        "attribution_inversion", "dot_cos", "FourierImage", "random_transform", "attribution_atlas", "Atlas",
+    ),
+}  # fmt: skip
+
+_LAZY = {n: wing for wing, names in _WINGS.items() for n in names}
+_LAZY.update({n: "negspace.models.clip" for n in ("load_clip", "encode_images", "encode_texts")})
 
 __getattr__, __dir__, __all__ = attach(__name__, _LAZY)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from negspace.attribution._core import forward_objective
+from negspace.attribution.engine import forward_objective
 from negspace.explain.featureviz import attribution_inversion
 from negspace.explain.tension import Feature, as_feature
 

@@ -250,7 +250,7 @@ def clip_cosines(
     image_embeddings: Tensor | None = None,
 ) -> Tensor:
     """Cosine similarities ``(N, M)`` between (preprocessed) images and the prompts ``template.format(name)``."""
-    from negspace.explain.clip import encode_images, encode_texts
+    from negspace.models.clip import encode_images, encode_texts
 
     img = image_embeddings if image_embeddings is not None else encode_images(model, images, batch_size)
     txt = encode_texts(model, tokenizer, list(concept_names), template=template)
@@ -275,7 +275,7 @@ def clip_concept_matrix(
     Args:
         images: preprocessed images ``(N, C, H, W)`` for the CLIP/SigLIP model.
         concept_names: M concept names (prompted with ``template``).
-        model: an open_clip name for :func:`negspace.explain.clip.load_clip` (``"tiny"`` for tests), or a loaded
+        model: an open_clip name for :func:`negspace.models.clip.load_clip` (``"tiny"`` for tests), or a loaded
             ``(model, preprocess, tokenizer)`` triple; ``pretrained`` is passed to ``load_clip``.
         calibration: known ``(a, b)``; otherwise fitted here on ``calibration_labels (N, M)`` (binary labels of
             the same images and concepts, e.g. classes + superclasses). One of the two is required.
@@ -284,7 +284,7 @@ def clip_concept_matrix(
     """
     from safetensors.torch import load_file, save_file
 
-    from negspace.explain.clip import load_clip
+    from negspace.models.clip import load_clip
 
     if calibration is None and calibration_labels is None:
         raise ValueError("pass calibration=(a, b) or calibration_labels (N, M) to fit it")

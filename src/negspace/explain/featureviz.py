@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from negspace.attribution._core import as_objective, forward_objective
+from negspace.attribution.engine import as_target, forward_objective
 from negspace.hooks import capture, get_layer, run_until
 from negspace.objectives import Objective
 
@@ -174,7 +174,7 @@ def visualize(
     ``z_j`` reveals the concepts whose absence the neuron encodes), a class index, or any callable ``(B,)``.
     The model is put in eval mode and its parameters are not updated; both are restored afterwards.
     """
-    obj = as_objective(objective)
+    obj = as_target(objective)
     if getattr(obj, "layer", None) is not None:
         get_layer(model, obj.layer)
     g = torch.Generator().manual_seed(seed)

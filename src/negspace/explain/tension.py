@@ -28,11 +28,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from negspace.attribution import input_x_gradient, integrated_gradients, layer_contributions
-from negspace.attribution._core import check_input, forward_objective
-from negspace.attribution.reduce import channel_dim
+from negspace.attribution.engine import check_input, forward_objective
 from negspace.batch import unpack_batch
 from negspace.hooks import capture, get_layer, run_until
-from negspace.objectives import Objective, _channels_last, _reduce_space, direction, neuron
+from negspace.objectives import Objective, direction, neuron
+from negspace.reduce import channel_dim
+from negspace.reduce import channels_last as _channels_last
+from negspace.reduce import reduce_positions as _reduce_space
 
 __all__ = [
     "InsertionResult",

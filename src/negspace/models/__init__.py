@@ -18,6 +18,9 @@ _LAZY: dict[str, str] = {
     "MotionDetector": "toy",
     "create_model": "zoo",
     "NEGSPACE_MODELS": "zoo",
+    "load_clip": "clip",
+    "encode_images": "clip",
+    "encode_texts": "clip",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _LAZY)

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from negspace.hooks import capture, run_until
-from negspace.objectives import Objective, logit
+from negspace.objectives import Objective, Target, as_target
 
-Target = int | Sequence[int] | Tensor | Objective | Callable[[Tensor], Tensor]
+__all__ = ["Target", "as_target", "check_input", "forward_objective", "grads_per_target", "make_baseline", "model_output", "quadrature"]
 
 
 def check_input(x: Tensor, name: str = "x") -> None:
@@ -32,30 +32,6 @@ def check_input(x: Tensor, name: str = "x") -> None:
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
         raise ValueError(f"{name} contains NaN or inf (samples {bad[:10]}{'...' if len(bad) > 10 else ''})")
-
-
-def as_objective(target: Target) -> Objective | Callable[[Tensor], Tensor]:
-    """Turn a target specification into a callable ``logits -> (B,) | (B, K)``."""
-    if isinstance(target, bool):
-        raise TypeError("target must be an int class index, a LongTensor (B,) or (B, K), or an objective; got bool")
-    if isinstance(target, int):
-        return logit(target)
-    if isinstance(target, Tensor):
-        if target.is_floating_point() or target.is_complex():
-            raise TypeError(f"target tensor must hold integer class indices, got dtype {target.dtype}")
-        if target.dim() == 0:
-            return logit(int(target))
-        if target.dim() not in (1, 2):
-            raise ValueError(f"target must be (B,) or (B, K), got shape {tuple(target.shape)}")
-        return logit(target.long())
-    if isinstance(target, Objective) or callable(target):
-        return target
-    if isinstance(target, Sequence) and all(isinstance(t, int) for t in target):
-        return logit(list(target))
-    raise TypeError(
-        "target must be an int, a LongTensor (B,) or (B, K), or an objective from negspace.objectives; "
-        f"got {type(target).__name__}"
-    )
 
 
 def _check_values(vals: object, batch: int, who: str) -> Tensor:

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from negspace.batch import unpack_batch
+from negspace.batch import images_of
+from negspace.hooks import model_device
 
 __all__ = ["TINY_CLIP_NAME", "encode_images", "encode_texts", "load_clip", "tiny_clip_config"]
 
@@ -86,11 +87,6 @@ def load_clip(
     return model, preprocess, tokenizer
 
 
-def _batch_images(batch: Any) -> Tensor:
-    """The image tensor of a batch: a tensor, a dict with ``"image"``, or a tuple ``(image, ...)``."""
-    return unpack_batch(batch, who="encode_images").image
-
-
 @torch.no_grad()
 def encode_images(
     model: nn.Module,
@@ -110,7 +106,7 @@ def encode_images(
         raise TypeError(f"model must be an open_clip model with encode_image, got {type(model).__name__}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     if isinstance(images, Tensor):
         if images.ndim != 4:
             raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
@@ -119,7 +115,7 @@ def encode_images(
         batches = images
     out = []
     for batch in tqdm(batches, desc="encode images", disable=not progress, leave=False):
-        x = _batch_images(batch).to(device)
+        x = images_of(batch, who="encode_images").to(device)
         out.append(model.encode_image(x, normalize=True).float().cpu())
     if not out:
         raise ValueError("images is empty")
@@ -138,7 +134,7 @@ def encode_texts(
     """L2-normalised text embeddings ``(T, E)`` of ``template.format(text)`` for every text."""
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts) or len(texts) == 0:
         raise TypeError(f"texts must be a non-empty sequence of strings, got {texts!r}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = []
     prompts = [template.format(t) for t in texts]
     for i in range(0, len(prompts), batch_size):
