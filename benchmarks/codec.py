@@ -16,7 +16,7 @@ import torch
 from captum.attr import LayerGradientXActivation
 
 from negspace.attribution import layer_contributions
-from negspace.editing.codec import train_sae
+from negspace.explain.codec import train_sae
 from negspace.hooks import get_layer
 
 

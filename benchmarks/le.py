@@ -8,6 +8,8 @@
 2. Ablation scoring of the 512 ``layer4`` channels of a timm resnet18 (100 classes, 64×64 inputs):
    negspace ``ablation_score`` with the exact linear-head fast path (all neurons, no network re-run) vs
    re-running the network per neuron (``fast=False``), timed on a few neurons and extrapolated.
+3. Ranking (issue 12, item 8): the default ``rank="abs"`` vs the paper's ``rank="signed"`` on neurons with a
+   planted inhibitory concept (``q = c₃ + c₇ − 1.5·c₁₁``, M = 200, N = 1500) and on excitatory-only neurons.
 
 Run: ``python benchmarks/le.py`` (``--quick`` for fewer repeats / smaller naive subsets).
 """
@@ -22,9 +24,7 @@ import warnings
 import numpy as np
 import torch
 
-from negspace.explain.concepts import activation_summary
-from negspace.explain.linear import linear_explanation, split_indices
-from negspace.explain.simulation import ablation_score
+from negspace.explain.le import ablation_score, activation_summary, linear_explanation, split_indices
 
 
 def _median_time(fn, repeats: int) -> tuple[float, object]:
@@ -167,10 +167,27 @@ def bench_ablation(args: argparse.Namespace) -> None:
           "adds 100 forward+backward passes over the val split per neuron (Adam on c, d)")
 
 
+def bench_rank(args: argparse.Namespace) -> None:
+    print(f"\n[3] ranking: rank='abs' (default) vs rank='signed' (paper), M=200, N=1500, {args.repeats} seeds")
+    for kind in ("inhibitory", "excitatory"):
+        rows = {"abs": [], "signed": []}
+        for seed in range(args.repeats):
+            g = torch.Generator().manual_seed(seed)
+            p = torch.rand(1500, 200, generator=g)
+            w = -1.5 if kind == "inhibitory" else 0.5
+            q = p[:, 3] + p[:, 7] + w * p[:, 11] + 0.1 * torch.randn(1500, generator=g)
+            for rank in rows:
+                e = linear_explanation(q, p, rank=rank)
+                rows[rank].append((e.test_correlation, 11 in e.concept_indices))
+        for rank, r in rows.items():
+            print(f"  {kind:10s} rank={rank!r:8s}: test ρ {[round(t, 3) for t, _ in r]}, "
+                  f"planted c11 found {sum(f for _, f in r)}/{len(r)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 repeat, fewer naive neurons")
-    ap.add_argument("--only", choices=("explain", "ablation"), default=None)
+    ap.add_argument("--only", choices=("explain", "ablation", "rank"), default=None)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for both sides (default 1: on a shared, loaded machine OpenMP spinning with "
                          "more threads makes everything several times slower and noisier)")
@@ -183,6 +200,8 @@ def main() -> None:
         bench_explain(args)
     if args.only in (None, "ablation"):
         bench_ablation(args)
+    if args.only in (None, "rank"):
+        bench_rank(args)
 
 
 if __name__ == "__main__":

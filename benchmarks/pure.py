@@ -24,7 +24,7 @@ import time
 import timm
 import torch
 
-from negspace.editing.pure import References, circuits, reference_circuits, reference_samples
+from negspace.explain.pure import References, circuits, reference_circuits, reference_samples
 
 
 def naive(model, layer, circuit_layer, x, refs, neurons: list[int], reduce: str) -> torch.Tensor:

@@ -40,6 +40,13 @@ def test_demo_parser_defaults_and_errors(capsys):
         _config(False, None, None, [-1.0], None, None)
     cfg = _config(True, None, None, None, None, None)
     assert cfg.seeds == 1 and cfg.quick
+    args = demo_parser().parse_args(["--finetune", "--quick", "--model", "xsmallcnn", "--freeze-epochs", "0",
+                                     "--backbone-lr-mult", "0.5"])
+    assert args.finetune and args.model == "xsmallcnn" and args.freeze_epochs == 0 and args.backbone_lr_mult == 0.5
+    from negspace.demo import run_finetune_demo
+
+    with pytest.raises(ValueError, match="unknown fine-tuning demo option"):
+        run_finetune_demo(quick=True, out="/nonexistent", nope=1)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""CODEC: contribution datasets, ContributionSAE, mode-guided ablation/preservation, ChannelEdit callback."""
+"""CODEC: contribution datasets, ContributionSAE, mode-guided ablation/preservation, ChannelEdit and CodecModes
+callbacks."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ from torch import nn
 from helpers import hook_count
 from negspace.attribution import input_x_gradient, layer_contributions
 from negspace.editing import ablate_channels, preserve_channels
-from negspace.editing.codec import (
+from negspace.explain.codec import (
     ContributionSAE,
+    ContributionSet,
+    ContributionStore,
     class_masks,
+    compute_contributions,
     contribution_map,
+    contributions_batch,
     default_kind,
     fit_modes,
     mode_class_correlation,
@@ -26,12 +31,6 @@ from negspace.editing.codec import (
     selection_sign,
     target_sign,
     train_sae,
-)
-from negspace.editing.contributions import (
-    ContributionSet,
-    ContributionStore,
-    compute_contributions,
-    contributions_batch,
 )
 from negspace.objectives import entropy, logit
 from negspace.reduce import spatial_sum
@@ -86,8 +85,9 @@ def digit_data(digits):
 
 @pytest.fixture(scope="module")
 def digit_modes(digit_data):
-    return fit_modes(digit_data, "relu2", num_classes=10, epochs=40, lr=3e-3, batch_size=128, hidden=64,
-                     progress=False, superclasses={"round": [0, 6, 8, 9]})
+    # default schedule (step budget, lr scaled to it, early stopping): 40 epochs at 3e-3 no longer needed
+    return fit_modes(digit_data, "relu2", num_classes=10, hidden=64, progress=False,
+                     superclasses={"round": [0, 6, 8, 9]})
 
 
 # ------------------------------------------------------------------------------------- contributions
@@ -218,7 +218,8 @@ def test_digits_ablating_class_mode_is_specific(digits, digit_modes):
     for c in (0, 3, 6):
         m = modes.mode_for_class(c)
         assert modes.correlation[m, c] == modes.correlation[:, c].max()
-        sweep = perturbation_sweep(model, "relu2", (x, y), modes.atom(m), c, num_classes=10, percents=(10, 20))
+        sweep = perturbation_sweep(model, "relu2", (x, y), modes.atom(m), c, num_classes=10, percents=(10, 20),
+                                   off_target="all")
         assert hook_count(model) == 0
         gaps.append(sweep.ratio_off[0].item() - sweep.ratio_target[0].item())
         assert sweep.ratio_target[0] < 0.5 * sweep.ratio_off[0], (c, sweep.ratio_target, sweep.ratio_off)
@@ -239,7 +240,7 @@ def test_preserve_all_or_ablate_none_is_bit_identical(digits, digit_modes):
         with ablate_channels(model, {"relu2": []}):
             assert torch.equal(model(x[:64]), ref)
     sweep = perturbation_sweep(model, "relu2", (x, y), digit_modes.atom(0), 2, num_classes=10,
-                               percents=(100,), mode="preserve")
+                               percents=(100,), mode="preserve", off_target="all")
     assert torch.equal(sweep.ratio[0], torch.ones(10))
 
 
@@ -275,10 +276,10 @@ def test_contribution_map_is_complete_inputgrad_decomposition(tmp_path, digits):
     xb = x[:4]
     t = model(xb).argmax(1)
     ch = torch.tensor([1, 5, 9])
-    cmap = contribution_map(model, "relu2", xb, t, ch)
+    cmap = contribution_map(model, "relu2", xb, t, ch, part="net", softmax=False)  # logit of t, signed
     hidden = layer_contributions(model, "relu2", xb, t, method="input_grad")
     torch.testing.assert_close(cmap.flatten(1).sum(1), spatial_sum(hidden)[:, ch].sum(1), rtol=1e-4, atol=1e-5)
-    full = contribution_map(model, "relu2", xb, t, torch.arange(32))
+    full = contribution_map(model, "relu2", xb, t, torch.arange(32), part="net", softmax=False)
     torch.testing.assert_close(full, input_x_gradient(model, xb, t), rtol=1e-4, atol=1e-6)
     assert hook_count(model) == 0
     p = save_contribution_maps(xb, cmap, tmp_path / "maps.png", titles=t.tolist())
@@ -309,7 +310,7 @@ def test_channel_edit_callback_validate_and_checkpoint(tmp_path, digits):
     model, x, y, _ = digits
     ds = torch.utils.data.TensorDataset(x[:96], y[:96])
     loaders = [torch.utils.data.DataLoader(ds, batch_size=48) for _ in range(3)]  # e.g. three biased splits
-    cb = ChannelEdit({"relu2": [0, 3, 5]}, mode="ablate", root="model")
+    cb = ChannelEdit({"relu2": [0, 3, 5]}, mode="ablate", forward="model")
     assert "ablate" in repr(cb) and "inactive" in repr(cb)
     lit = LitDigits(model)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -323,7 +324,7 @@ def test_channel_edit_callback_validate_and_checkpoint(tmp_path, digits):
     ckpt = tmp_path / "edit.ckpt"
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=True)
-    fresh = ChannelEdit({"relu2": [1]}, mode="ablate", root="model")
+    fresh = ChannelEdit({"relu2": [1]}, mode="ablate", forward="model")
     (saved,) = [v for k, v in state["callbacks"].items() if k == fresh.state_key]
     fresh.load_state_dict(saved)
     assert fresh.edit.channels["relu2"].tolist() == [0, 3, 5] and fresh.stages == ("validate", "test")
@@ -351,20 +352,19 @@ def test_channel_edit_callback_during_training(digits):
     model, x, y, _ = digits
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:64], y[:64]), batch_size=32)
     lit = LitTrain(model)
-    cb = ChannelEdit({"relu2": [1, 2]}, mode="preserve", stages="fit", root="model")
+    cb = ChannelEdit({"relu2": [1, 2]}, mode="preserve", stages="fit", forward="model")
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, max_steps=1,
                         enable_model_summary=False, enable_checkpointing=False, callbacks=[cb])
     trainer.fit(lit, loader)
     assert lit.hooks_seen == 1 and hook_count(model) == 0 and not cb.active
 
 
-def test_codec_modes_callback_on_demand_and_lightning_sae(tmp_path, digits):
+def test_codec_modes_callback_on_demand_and_in_a_trainer(tmp_path, digits):
     from negspace.callbacks import CodecModes
-    from negspace.callbacks.codec import fit_sae
 
     model, x, y, _ = digits
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:300], y[:300]), batch_size=150)
-    cb = CodecModes(["relu1", "relu2"], num_classes=10, fit_on="manual", method="act_grad", progress=False,
+    cb = CodecModes(["relu1", "relu2"], num_classes=10, method="act_grad", progress=False,
                     sae={"epochs": 3, "lr": 3e-3})
     result = cb.fit(model, loader)
     assert set(result) == {"relu1", "relu2"} and result["relu2"].loadings.shape == (300, 96)
@@ -374,13 +374,52 @@ def test_codec_modes_callback_on_demand_and_lightning_sae(tmp_path, digits):
     # inside a Trainer: gradients work during validation (inference_mode is lifted), stats logged, figure saved
     from lightning.pytorch.loggers import CSVLogger
 
-    cb2 = CodecModes("relu2", num_classes=10, fit_on="validation_end", root="model", method="integrated",
+    cb2 = CodecModes("relu2", num_classes=10, every_n_epochs=1, forward="model", method="integrated",
                      n_steps=2, progress=False, sae={"epochs": 2, "lr": 3e-3})
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=CSVLogger(tmp_path), enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[cb2])
     trainer.validate(LitDigits(model), dataloaders=[loader, loader], verbose=False)
     assert cb2.result is not None and "codec/relu2/ei_corr" in trainer.callback_metrics
+    assert {"codec/relu2/r2", "codec/relu2/mode_class_corr"} <= set(trainer.callback_metrics)
     assert list(tmp_path.rglob("mode_class_correlation_relu2.png")) and hook_count(model) == 0
-    fit = fit_sae(data.features("relu2"), epochs=2, lr=3e-3, batch_size=100,
-                  trainer_kwargs={"enable_progress_bar": False})
+    # the one SAE trainer (the Lightning fit_sae is gone)
+    fit = train_sae(data.features("relu2"), epochs=2, lr=3e-3, batch_size=100, progress=False)
     assert fit.sae.num_atoms == 96 and fit.samples_per_second > 0 and fit.r2 == fit.r2
+
+
+def test_codec_callbacks_old_keywords_warn(digits):
+    from negspace.callbacks import ChannelEdit, CodecModes
+
+    with pytest.warns(DeprecationWarning, match="fit_on"):
+        cb = CodecModes("relu2", fit_on="validation_end")
+    assert cb.every_n_epochs == 1 and not cb.manual
+    with pytest.warns(DeprecationWarning, match="fit_on"):
+        assert CodecModes("relu2", fit_on="manual").manual
+    with pytest.warns(DeprecationWarning, match="root"):
+        cb = CodecModes("relu2", root="model")
+    assert cb.forward == "model"
+    with pytest.warns(DeprecationWarning, match="root"):
+        edit = ChannelEdit({"relu2": [1]}, root="model")
+    assert edit.forward == "model" and edit.state_key == ChannelEdit({"relu2": [1]}, forward="model").state_key
+    with pytest.raises(ValueError, match="fit_on"), pytest.warns(DeprecationWarning):
+        CodecModes("relu2", fit_on="sometimes")
+    with pytest.raises(TypeError, match="not both"):
+        CodecModes("relu2", root="model", forward="model")
+
+
+def test_old_module_paths_alias_the_codec_wing():
+    import importlib
+    import warnings
+
+    import negspace.explain.codec as codec
+    from negspace.objectives import named_target
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old_codec = importlib.import_module("negspace.editing.codec")
+        old_contrib = importlib.import_module("negspace.editing.contributions")
+    assert old_codec.fit_modes is codec.fit_modes and old_contrib.ContributionStore is codec.ContributionStore
+    with pytest.warns(DeprecationWarning, match="named_target"):
+        assert old_contrib.make_target is named_target
+    for name in ("DEFAULT_PERCENTS", "LayerModes", "SweepResult", "pca_dimensionality", "FEATURES", "SAEFit"):
+        assert getattr(codec, name) is not None

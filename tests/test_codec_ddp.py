@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from negspace.editing.contributions import ContributionStore, compute_contributions
+from negspace.explain.codec import ContributionStore, compute_contributions
 
 
 def _free_port() -> int:

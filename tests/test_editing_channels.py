@@ -99,3 +99,18 @@ def test_persistent_edit_state_repr_and_errors():
         ChannelEdit({"1": [-1]})
     with pytest.raises(ValueError, match="value must be"):
         ChannelEdit({"1": [0]}, value="median")
+
+
+@pytest.mark.parametrize(
+    ("mode", "value"), [("ablate", "zero"), ("ablate", "mean"), ("preserve", 0.5), ("ablate", {"1": torch.arange(4.0)})]
+)
+def test_hooked_edit_exports_without_data_dependent_guards(mode, value):
+    """torch.export used to fail on ``int(idx.max())``; the channel checks now read plain Python ints."""
+    m = conv_net().eval()
+    x = torch.randn(3, 3, 6, 6)
+    with ChannelEdit({"1": [1, 3]}, mode=mode, value=value).applied(m):
+        ref = m(x)
+        program = torch.export.export(m, (x,))
+    assert hook_count(m) == 0
+    torch.testing.assert_close(program.module()(x), ref)
+    assert not torch.allclose(m(x), ref)

@@ -32,15 +32,21 @@ import pytest  # noqa: E402
 from torch import nn  # noqa: E402
 
 from helpers import hook_count  # noqa: E402
-from negspace.explain.concepts import (  # noqa: E402
+from negspace.explain.le import (  # noqa: E402
+    Explanation,
+    ablation_score,
     activation_summary,
+    area_chart,
     builtin_concepts,
     clip_concept_matrix,
+    correlation_score,
+    elastic_net_weights,
     fit_sigmoid_calibration,
     label_concepts,
+    linear_explanation,
+    split_indices,
+    top_impact,
 )
-from negspace.explain.linear import Explanation, elastic_net_weights, linear_explanation, split_indices  # noqa: E402
-from negspace.explain.simulation import ablation_score, area_chart, correlation_score, top_impact  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,7 +140,7 @@ def test_batched_greedy_matches_reference_loop_and_single_neurons():
     assert set(exps[3].concept_indices) == {20, 5}  # the inhibitory concept is found with rank="abs"
     assert exps[0].test_correlation > 0.99
     # the signed (paper) ranking never tries the negatively weighted concept 5 first
-    assert linear_explanation(ys[:, 3], p).concept_indices[0] == 20
+    assert linear_explanation(ys[:, 3], p, rank="signed").concept_indices[0] == 20
 
 
 def test_errors_and_dead_neurons():
@@ -356,10 +362,11 @@ def test_sigmoid_calibration_and_clip_concepts(tmp_path):
     assert a == pytest.approx(a_true, rel=0.15) and b == pytest.approx(b_true, abs=0.01)
     images = torch.rand(6, 3, 32, 32, generator=g)
     p, (a1, b1) = clip_concept_matrix(images, ["dog", "cat"], model="tiny", calibration=(10.0, -0.1),
-                                      cache_dir=tmp_path)
+                                      cache_dir=tmp_path, min_top5=None)
     assert p.shape == (6, 2) and ((p > 0) & (p < 1)).all() and (a1, b1) == (10.0, -0.1)
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
-    p2, _ = clip_concept_matrix(images, ["dog", "cat"], model="tiny", calibration=(10.0, -0.1), cache_dir=tmp_path)
+    p2, _ = clip_concept_matrix(images, ["dog", "cat"], model="tiny", calibration=(10.0, -0.1), cache_dir=tmp_path,
+                                min_top5=None)
     torch.testing.assert_close(p, p2)  # from the cache
     with pytest.raises(ValueError, match="calibration"):
         clip_concept_matrix(images, ["dog"], model="tiny")
@@ -388,7 +395,7 @@ def test_callback_in_tiny_fit_writes_csv(tmp_path):
     net.add_module("flat", nn.Flatten())
     net.add_module("fc", nn.Linear(8, 10))
     module = ClassifierModule(model=net, num_classes=10, lr=1e-2)
-    cb = LinearExplanations("model.act", concepts="digits", neurons=[0, 1, 2, 3], fit_at=1, scaling="norm",
+    cb = LinearExplanations("model.act", concepts="digits", neurons=[0, 1, 2, 3], every_n_epochs=1, scaling="norm",
                             n_figures=1)
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, default_root_dir=str(tmp_path), callbacks=[cb],
                         logger=L.pytorch.loggers.CSVLogger(str(tmp_path)), enable_progress_bar=False,
@@ -418,6 +425,104 @@ def test_callback_in_tiny_fit_writes_csv(tmp_path):
     assert [e.to_dict() for e in other.result] == [e.to_dict() for e in cb.result] or all(
         math.isnan(a.val_correlation) for a in other.result)
     assert hook_count(module) == 0
+
+
+def test_fit_at_is_a_deprecated_alias_of_every_n_epochs():
+    from negspace.callbacks import LinearExplanations
+
+    for old, new in (("train_end", None), ("validation_end", 1), (3, 3)):
+        with pytest.warns(DeprecationWarning, match="every_n_epochs"):
+            assert LinearExplanations("act", fit_at=old).every_n_epochs == new
+    with pytest.raises(ValueError, match="fit_at"):
+        LinearExplanations("act", fit_at="sometimes")
+    with pytest.raises(TypeError, match="every_n_epochs"):
+        LinearExplanations("act", fit_at=2, every_n_epochs=2)
+    with pytest.raises(ValueError, match="concepts"):
+        LinearExplanations("act", concepts="colours")
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+
+def _digits_module():
+    import lightning as L
+    from sklearn.datasets import load_digits
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = _Net()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            return None
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    d = load_digits()
+    x = torch.tensor(d.images[:300], dtype=torch.float32)[:, None] / 16.0
+    y = torch.tensor(d.target[:300])
+    return Module(), x, y
+
+
+def test_callback_logs_to_callback_metrics_forward_and_no_files_without_logger(tmp_path):
+    import lightning as L
+
+    from negspace.callbacks import LinearExplanations
+    from negspace.explain.le import explain_layer
+
+    module, x, y = _digits_module()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=50)
+    cb = LinearExplanations("act", concepts="digits", neurons=[0, 1, 2], forward="net", scaling="norm", n_figures=1)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, loader, loader)
+    assert {"le/val_correlation", "le/ablation"} <= set(trainer.callback_metrics)
+    assert float(trainer.callback_metrics["le/val_correlation"]) == pytest.approx(cb.scores["le/val_correlation"])
+    assert cb.csv_path is None and cb.figure_paths == [] and not list(tmp_path.rglob("*.csv"))
+    # the callback is one core call
+    res = explain_layer(module.net, "act", loader, concepts="digits", neurons=[0, 1, 2], scaling="norm")
+    assert [e.to_dict() for e in res.explanations] == [e.to_dict() for e in cb.result]
+    assert res.ablation == pytest.approx(cb.ablation_scores, nan_ok=True)
+    assert hook_count(module) == 0
+
+
+def test_callback_fails_on_the_first_unlabelled_batch():
+    import lightning as L
+
+    from negspace.callbacks import LinearExplanations
+
+    module, x, y = _digits_module()
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=50)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=50)  # images only
+    cb = LinearExplanations("net.act", concepts="digits")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=5, callbacks=[cb], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="label"):
+            trainer.fit(module, train, val)
+    assert trainer.global_step == 0  # failed in the sanity check, before any training
+    with pytest.raises(ValueError, match="nope"):
+        L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[LinearExplanations("nope")], logger=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(module, train, val)
 
 
 # ---------------------------------------------------------------------------------------------- DDP
@@ -455,7 +560,7 @@ if __name__ == "__main__":
     d = load_digits()
     x = torch.tensor(d.images[:400], dtype=torch.float32)[:, None] / 16.0
     y = torch.tensor(d.target[:400])
-    cb = LinearExplanations("act", concepts="digits", neurons=[0, 1, 2], fit_at="validation_end", scaling="norm")
+    cb = LinearExplanations("act", concepts="digits", neurons=[0, 1, 2], every_n_epochs=1, scaling="norm")
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=out, callbacks=[cb])
     trainer.validate(Module(), DataLoader(TensorDataset(x, y), batch_size=50), verbose=False)

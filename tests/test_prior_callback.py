@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from helpers import is_wrapped
 from negspace.callbacks import AttributionPrior
-from negspace.priors import prior_loss
+from negspace.hooks import frozen_norm_stats
+from negspace.priors import non_target_classes, prior_loss
 
 B, N_BATCHES, HW = 4, 4, 6
 
@@ -101,11 +102,37 @@ def trainer(callbacks, **kw):
     )
 
 
+def hand_shared_prior(module, xr, logits, y, mask, *, mode="presence_absence", non_target="complement",
+                      generator=None):
+    """norm_mode='shared' by hand: one backward per class of the masked rows' logits of the full-batch forward
+    ``logits = module(xr)``, read off at the masked rows (eqs. 2/3 of paper 000)."""
+    idx = (mask.flatten(1).sum(1) > 0).nonzero().flatten()
+    if idx.numel() == 0:
+        return logits.sum() * 0.0
+    yi = y[idx]
+    if mode == "presence":
+        classes = yi[:, None]
+    else:
+        classes = non_target_classes(yi, logits[idx].detach(), non_target, generator)
+    m = mask[idx]
+    terms = []
+    for k in range(classes.shape[1]):
+        (g,) = torch.autograd.grad(logits[idx].gather(1, classes[:, k : k + 1]).sum(), xr, create_graph=True)
+        a = (g[idx] * xr.detach()[idx]).abs()
+        terms.append((a * m).flatten(1).sum(1) / (m.flatten(1).sum(1) + 1e-5))
+    per = 2 * terms[0] if mode == "presence" else terms[0] + torch.stack(terms[1:], 1).mean(1)
+    return per.sum() / len(xr)
+
+
 def reference(lam, *, mode="presence_absence", epochs=1, accumulate=1, autocast=None, scaler=None, num_classes=2,
-              non_target="complement", gen_seed=None, bn=True, all_masked=False, **prior_kw):
-    """Plain PyTorch loop: loss = CE + λ·prior_loss (prior with autocast off)."""
+              non_target="complement", gen_seed=None, bn=True, all_masked=False, shared=None, **prior_kw):
+    """Plain PyTorch loop: loss = CE + λ·prior (prior with autocast off). ``shared`` (default: for BN models
+    with input×gradient, what norm_mode='auto' does) uses the training forward's logits (recomputed in full
+    precision under autocast, running statistics untouched); otherwise ``prior_loss``."""
     module = Module(num_classes, bn=bn)
     module.train()
+    if shared is None:
+        shared = bn and prior_kw.get("method", "input_x_gradient") == "input_x_gradient"
     opt = module.configure_optimizers()
     x, y, mask = make_data(num_classes, all_masked=all_masked)
     gen = torch.Generator().manual_seed(gen_seed) if gen_seed is not None else None
@@ -113,10 +140,20 @@ def reference(lam, *, mode="presence_absence", epochs=1, accumulate=1, autocast=
     for _ in range(epochs):
         for s in range(0, len(x), B):
             xb, yb, mb = x[s : s + B], y[s : s + B], mask[s : s + B]
+            xr = xb.clone().requires_grad_(shared)
             with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-                ce = F.cross_entropy(module(xb), yb)
+                logits = module(xr)
+                ce = F.cross_entropy(logits, yb)
                 with torch.autocast("cpu", enabled=False):
-                    pen = prior_loss(module, xb, yb, mb, mode=mode, non_target=non_target, generator=gen, **prior_kw)
+                    if not shared:
+                        pen = prior_loss(module, xb, yb, mb, mode=mode, non_target=non_target, generator=gen,
+                                         **prior_kw)
+                    else:
+                        if autocast is not None:
+                            with frozen_norm_stats(module):
+                                logits = module(xr)
+                        pen = hand_shared_prior(module, xr, logits.float(), yb, mb, mode=mode, non_target=non_target,
+                                                generator=gen)
                 loss = ce + lam * pen
             loss = loss / accumulate
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -201,10 +238,12 @@ def test_start_step_schedule_and_two_instances():
     x, y, mask = make_data()
     for s in range(N_BATCHES):
         xb, yb, mb = x[s * B : (s + 1) * B], y[s * B : (s + 1) * B], mask[s * B : (s + 1) * B]
-        loss = F.cross_entropy(ref(xb), yb)
+        xr = xb.clone().requires_grad_(True)
+        logits = ref(xr)  # BatchNorm model: both priors differentiate the training forward (norm_mode="auto")
+        loss = F.cross_entropy(logits, yb)
         if s >= 2:
-            loss = loss + 2.0 * prior_loss(ref, xb, yb, mb, mode="presence")
-        loss = loss + min(1.0, (s + 1) / 2) * prior_loss(ref, xb, yb, mb)
+            loss = loss + 2.0 * hand_shared_prior(ref, xr, logits, yb, mb, mode="presence")
+        loss = loss + min(1.0, (s + 1) / 2) * hand_shared_prior(ref, xr, logits, yb, mb)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -263,10 +302,18 @@ def test_shared_forward_equals_separate_pass_without_batchnorm(share):
 
 
 def test_shared_forward_fallbacks():
-    # auto + train-mode BatchNorm: separate pass on the masked samples (2 of 4 per batch)
+    # auto + train-mode BatchNorm: the training forward itself (norm_mode="shared"), no extra pass
     module = Module()
     calls = _count_net_calls(module)
     fit(AttributionPrior(lam=3.0), module)
+    assert calls == [B] * N_BATCHES
+    # share_forward=False (deprecated alias of norm_mode="separate"): separate pass on the masked samples
+    module = Module()
+    calls = _count_net_calls(module)
+    with pytest.warns(DeprecationWarning, match="norm_mode"):
+        cb = AttributionPrior(lam=3.0, share_forward=False)
+    assert cb.norm_mode == "separate"
+    fit(cb, module)
     assert calls == [B, B // 2] * N_BATCHES
     # auto + no BatchNorm but only half the batch masked: separate pass on the masked half is as cheap
     module = Module(bn=False)
@@ -416,3 +463,10 @@ def test_constructor_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AttributionPrior(batch_keys=("x", "y", "m"), forward="model.net")
+
+
+def test_two_instances_with_the_same_name_fail_at_setup():
+    module = Module()
+    with pytest.raises(ValueError, match="name="):
+        fit([AttributionPrior(lam=1.0), AttributionPrior(lam=2.0, mode="presence")], module)
+    assert not is_wrapped(module) and "training_step" not in module.__dict__

@@ -7,12 +7,12 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import nn
 
+from negspace.hooks import frozen_norm_stats
 from negspace.priors import (
     EPS,
     attribution_prior,
     compute_prior,
     compute_prior_from_logits,
-    frozen_norm_stats,
     prior_loss,
 )
 

@@ -13,23 +13,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import hook_count
-from negspace.editing.embeddings import (
+from negspace.editing import VirtualNeuronRouter
+from negspace.explain.pure import (
+    VirtualNeuronSet,
     activation_vectors,
     attribution_heatmaps,
+    circuits,
     cluster_distances,
     compare_clusterings,
     crop_boxes,
     crop_references,
     distance_correlation,
     embed,
+    fit_virtual_neurons,
     gaussian_smooth,
     polysemanticity,
-)
-from negspace.editing.pure import (
-    VirtualNeuronRouter,
-    VirtualNeurons,
-    circuits,
-    fit_virtual_neurons,
     reference_samples,
 )
 from negspace.hooks import capture
@@ -112,7 +110,7 @@ def test_reference_samples_equal_naive_sort(toy):
     assert refs.neurons.tolist() == [0, 1, 2]
 
 
-@pytest.mark.parametrize("reduce", ["max", "mean", "sum", "center"])
+@pytest.mark.parametrize("reduce", ["relu", "max", "mean", "sum", "center"])
 def test_fast_path_equals_autograd_conv(reduce):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 6, 3, stride=2, padding=2, dilation=2))
@@ -140,14 +138,14 @@ def test_fast_path_equals_autograd_linear(tokens):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 4))
     x = torch.randn(3, 5, 6) if tokens else torch.randn(3, 6)
-    for reduce in ("max", "mean"):
+    for reduce in ("relu", "max", "mean"):
         fast = circuits(model, "2", "1", x, [0, 2, 3], reduce=reduce, fast=True, normalize=False)
         slow = circuits(model, "2", "1", x, [0, 2, 3], reduce=reduce, fast=False, normalize=False)
         torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
     if not tokens:  # hand-derived: contribution of input i to unit k is a_i W[k, i]
         with torch.no_grad():
             a = model[1](model[0](x))
-        raw = circuits(model, "2", "1", x, 3, fast=True, normalize=False)
+        raw = circuits(model, "2", "1", x, 3, reduce="max", fast=True, normalize=False)
         torch.testing.assert_close(raw, a * model[2].weight[3])
 
 
@@ -184,7 +182,8 @@ def test_batched_circuits_equal_per_neuron_loop_also_with_shortcut():
 def test_clustering_separates_the_two_circuits(toy, fast):
     model, x, kind = toy
     layer = "upper" if fast else "block"
-    vn = fit_virtual_neurons(model, layer, "act", x, neurons=[0], n_ref=N_A + N_B, k=2, fast=fast, batch_size=16)
+    vn = fit_virtual_neurons(model, layer, "act", x, neurons=[0], n_ref=N_A + N_B, k=2, fast=fast, batch_size=16,
+                             reduce="max")  # the one-hot seed: pure circuits (the paper's ReLU seed: test_pure_fidelity)
     refs = vn.references.indices[0]
     assert set(kind[refs].tolist()) == {0, 1}  # all A and B samples, no noise sample
     labels = vn.labels[0]
@@ -252,9 +251,9 @@ def test_router_scale_and_state_round_trip(toy, tmp_path):
     assert hook_count(model) == 0
     with torch.no_grad():
         assert not torch.allclose(model(x), y1)
-    # VirtualNeurons artefact: safetensors round trip
+    # VirtualNeuronSet artefact: safetensors round trip
     vn.save(tmp_path / "vn.safetensors")
-    vn2 = VirtualNeurons.load(tmp_path / "vn.safetensors")
+    vn2 = VirtualNeuronSet.load(tmp_path / "vn.safetensors")
     assert vn2.neurons == vn.neurons and repr(vn2) == repr(vn)
     for n in vn.neurons:
         torch.testing.assert_close(vn2.centroids[n], vn.centroids[n])
@@ -266,7 +265,7 @@ def test_errors(toy):
     with pytest.raises(ValueError, match="larger than n_ref"):
         fit_virtual_neurons(model, "upper", "act", x, neurons=[0], n_ref=3, k=4)
     with pytest.raises(ValueError, match="larger than n_ref"):
-        VirtualNeurons("upper", "act", k=5).fit(torch.rand(1, 3, 4), [0])
+        VirtualNeuronSet("upper", "act", k=5).fit(torch.rand(1, 3, 4), [0])
     with pytest.raises(ValueError, match="do not exist"):
         reference_samples(model, "upper", x, n_ref=5, neurons=[0, 7])
     with pytest.raises(ValueError, match="do not exist"):
@@ -290,6 +289,35 @@ def test_errors(toy):
         VirtualNeuronRouter(vn, {0: {3: 0.0}})
     with pytest.raises(ValueError, match="not fitted"):
         VirtualNeuronRouter(vn, {1: {0: 0.0}})
+
+
+def test_tuple_batches_and_deprecated_names(toy):
+    import warnings
+
+    model, x, kind = toy
+    loader = [(x[i : i + 16], kind[i : i + 16]) for i in range(0, len(x), 16)]
+    vn = fit_virtual_neurons(model, "upper", "act", loader, neurons=[0], n_ref=N_A + N_B, k=2)
+    ref = fit_virtual_neurons(model, "upper", "act", x, neurons=[0], n_ref=N_A + N_B, k=2)
+    assert torch.equal(vn.labels[0], ref.labels[0]) and torch.equal(vn.references.indices, ref.references.indices)
+    dicts = [{"x": b} for b, _ in loader]
+    with pytest.warns(DeprecationWarning, match="image_key"):
+        refs = reference_samples(model, "upper", dicts, n_ref=5, image_key="x")
+    assert torch.equal(refs.indices, reference_samples(model, "upper", x, n_ref=5).indices)
+    with pytest.raises(ValueError, match="batch_keys"):
+        reference_samples(model, "upper", dicts, n_ref=5)
+    import negspace.explain.pure as pure
+
+    with pytest.warns(DeprecationWarning, match="VirtualNeuronSet"):
+        assert pure.VirtualNeurons is VirtualNeuronSet
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        from negspace.editing.embeddings import embed as old_embed
+        from negspace.editing.pure import MODES
+        from negspace.editing.pure import VirtualNeuronRouter as OldRouter
+        from negspace.editing.pure import circuits as old_circuits
+    assert any(issubclass(m.category, DeprecationWarning) for m in w)
+    assert OldRouter is VirtualNeuronRouter and old_circuits is circuits and old_embed is embed
+    assert MODES == ("sample", "position")
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -372,16 +400,19 @@ class ToyModule(L.LightningModule):
         super().__init__()
         self.net = TwoCircuitNet()
         self.val_peaks: list[torch.Tensor] = []
+        self.image_key = "image"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def training_step(self, batch, _idx):
-        return F.cross_entropy(self(batch["image"]), batch["label"])
+        x, y = (batch[self.image_key], batch["label"]) if isinstance(batch, dict) else batch
+        self.trained_steps = getattr(self, "trained_steps", 0) + 1
+        return F.cross_entropy(self(x), y)
 
     def validation_step(self, batch, _idx):
         with capture(self.net, "upper", detach=True) as cap:
-            self(batch["image"])
+            self(batch[self.image_key] if isinstance(batch, dict) else batch[0])
         self.val_peaks.append(cap["upper"][:, 0].amax(dim=(1, 2)))
 
     def configure_optimizers(self):
@@ -399,6 +430,23 @@ class DictData(torch.utils.data.Dataset):
         return {"image": self.x[i], "label": int(self.kind[i] % 2)}
 
 
+class TupleData(DictData):
+    def __getitem__(self, i: int) -> tuple:
+        return self.x[i], int(self.kind[i] % 2)
+
+
+class OtherKeyData(DictData):
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "label": int(self.kind[i] % 2)}
+
+
+def _trainer(tmp_path, cb, **kw) -> L.Trainer:
+    opts = dict(max_epochs=1, limit_train_batches=1, accelerator="cpu", devices=1, callbacks=[cb],
+                default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                num_sanity_val_steps=0, logger=False, enable_checkpointing=False)
+    return L.Trainer(**{**opts, **kw})
+
+
 def test_callback_fits_logs_saves_figures_and_edits(toy, tmp_path):
     from torch.utils.data import DataLoader
 
@@ -412,7 +460,7 @@ def test_callback_fits_logs_saves_figures_and_edits(toy, tmp_path):
     j_a = int(probe.labels[0][kind[probe.references.indices[0]] == 0][0])
     cb = VirtualNeuronsCallback(
         "net.upper", "net.act", [0], k=2, n_ref=N_A + N_B, edit={"neuron": 0, "virtual": j_a, "scale": 0.0},
-        encoder=StubEncoder(), n_show=4,
+        encoder=StubEncoder(), n_show=4, save_dir=str(tmp_path),
     )
     trainer = L.Trainer(
         max_epochs=1, limit_train_batches=1, accelerator="cpu", devices=1, callbacks=[cb], default_root_dir=tmp_path,
@@ -420,7 +468,7 @@ def test_callback_fits_logs_saves_figures_and_edits(toy, tmp_path):
         enable_checkpointing=False,
     )
     trainer.fit(module, train_dataloaders=DataLoader(DictData(x, kind), batch_size=16), val_dataloaders=val)
-    assert isinstance(cb.result, VirtualNeurons) and cb.result.neurons == [0]
+    assert isinstance(cb.result, VirtualNeuronSet) and cb.result.neurons == [0]
     assert cb.scores["pure/neuron_0/circuit_separation"] > 0 and "pure/neuron_0/clip_pure" in cb.scores
     assert len(cb.figure_paths) == 1 and os.path.getsize(cb.figure_paths[0]) > 1000
     assert hook_count(module) == 0
@@ -438,14 +486,14 @@ def test_callback_fits_logs_saves_figures_and_edits(toy, tmp_path):
     torch.testing.assert_close(cb2.result.centroids[0], cb.result.centroids[0])
 
 
-def test_callback_fit_at_epoch_routes_later_validation(toy, tmp_path):
+def test_callback_every_n_epochs_routes_later_validation(toy, tmp_path):
     from torch.utils.data import DataLoader
 
     from negspace.callbacks import VirtualNeurons as VirtualNeuronsCallback
 
     _, x, kind = toy
     module = ToyModule()
-    cb = VirtualNeuronsCallback("net.upper", "net.act", 0, k=2, n_ref=N_A + N_B, fit_at=0, figures=False,
+    cb = VirtualNeuronsCallback("net.upper", "net.act", 0, k=2, n_ref=N_A + N_B, every_n_epochs=1, figures=False,
                                 edit={"neuron": 0, "virtual": 1, "scale": 0.5})
     trainer = L.Trainer(
         max_epochs=2, limit_train_batches=1, accelerator="cpu", devices=1, callbacks=[cb], default_root_dir=tmp_path,
@@ -461,6 +509,62 @@ def test_callback_fit_at_epoch_routes_later_validation(toy, tmp_path):
     # epoch 0: no edit yet; epoch 1: virtual neuron 1's samples at half strength, the others untouched
     torch.testing.assert_close(second[kind == kind_v1], 0.5 * first[kind == kind_v1])
     torch.testing.assert_close(second[kind == 1 - kind_v1], first[kind == 1 - kind_v1])
+
+
+def test_callback_reads_tuple_batches_and_logs_to_callback_metrics(toy, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from negspace.callbacks import VirtualNeurons as VirtualNeuronsCallback
+
+    _, x, kind = toy
+    cb = VirtualNeuronsCallback("net.upper", "net.act", 0, k=2, n_ref=N_A + N_B, encoder=StubEncoder(), n_show=2)
+    loader = DataLoader(TupleData(x, kind), batch_size=32)
+    trainer = _trainer(tmp_path, cb)
+    trainer.fit(ToyModule(), train_dataloaders=loader, val_dataloaders=loader)
+    assert cb.result is not None and cb.result.neurons == [0]
+    assert cb.figure_paths == []  # logger=False and no save_dir: nothing is written
+    for name in ("circuit_separation", "clip_pure", "corr_pure"):
+        key = f"pure/neuron_0/{name}"
+        assert float(trainer.callback_metrics[key]) == pytest.approx(cb.scores[key], nan_ok=True)
+
+
+def test_callback_bad_batch_layout_fails_on_the_first_batch(toy, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from negspace.callbacks import VirtualNeurons as VirtualNeuronsCallback
+
+    _, x, kind = toy
+    loader = DataLoader(OtherKeyData(x, kind), batch_size=32)
+    module = ToyModule()
+    cb = VirtualNeuronsCallback("net.upper", "net.act", 0, k=2, n_ref=N_A + N_B, figures=False)
+    with pytest.raises(ValueError, match="batch_keys"):  # in the sanity check, before any training step
+        _trainer(tmp_path, cb, num_sanity_val_steps=1).fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    assert cb.result is None and getattr(module, "trained_steps", 0) == 0
+    with pytest.raises(ValueError, match="does not exist"):  # a layer typo fails at setup
+        bad = VirtualNeuronsCallback("net.uper", "net.act", 0, k=2, n_ref=N_A + N_B, figures=False)
+        _trainer(tmp_path, bad).fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    cb = VirtualNeuronsCallback("net.upper", "net.act", 0, k=2, n_ref=N_A + N_B, figures=False,
+                                batch_keys={"image": "x"}, every_n_epochs=1)
+    module.image_key = "x"
+    _trainer(tmp_path, cb).validate(module, dataloaders=loader, verbose=False)
+    assert cb.result is not None and cb.result.neurons == [0]
+
+
+def test_callback_deprecated_keywords():
+    from negspace.callbacks import VirtualNeurons as VirtualNeuronsCallback
+
+    with pytest.warns(DeprecationWarning, match="fit_at"):
+        cb = VirtualNeuronsCallback("upper", "act", 0, fit_at=2)
+    assert cb.every_n_epochs == 3
+    with pytest.warns(DeprecationWarning, match="fit_at"):
+        assert VirtualNeuronsCallback("upper", "act", 0, fit_at="train_end").every_n_epochs is None
+    with pytest.warns(DeprecationWarning, match="image_key"):
+        cb = VirtualNeuronsCallback("upper", "act", 0, image_key="x")
+    assert cb.batch_keys.keys == {"image": "x"}
+    with pytest.raises(TypeError, match="not both"):
+        VirtualNeuronsCallback("upper", "act", 0, fit_at=1, every_n_epochs=2)
+    with pytest.raises(ValueError, match="fit_at"), pytest.warns(DeprecationWarning):
+        VirtualNeuronsCallback("upper", "act", 0, fit_at="later")
 
 
 # ------------------------------------------------------------------------------------------------- DDP

@@ -24,7 +24,8 @@ def _run(command: str, recipe: str, tmp_path: Path, *extra: str):
 
 def test_every_recipe_is_covered():
     tested = {"lesions_none.yaml", "lesions_presence.yaml", "lesions_presence_absence.yaml",
-              "lesions_unbiased.yaml", "motion_detector.yaml", "toy_green_pixel.yaml", "my_dataset_template.yaml"}
+              "lesions_unbiased.yaml", "motion_detector.yaml", "toy_green_pixel.yaml", "my_dataset_template.yaml",
+              "finetune_presence_absence.yaml"}
     assert {p.name for p in RECIPES.glob("*.yaml")} == tested
 
 
@@ -41,6 +42,20 @@ def test_lesion_recipes_fast_dev_run(recipe, tmp_path):
     assert ("AttributionPrior" in names) == ("presence" in recipe)
     # the prior's wrapper is gone after fit
     assert "training_step" not in cli.model.__dict__
+
+
+def test_finetune_recipe_with_a_local_pretrained_file(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    pre = timm.create_model("resnet10t", num_classes=2)
+    save_file(pre.state_dict(), str(tmp_path / "pre.safetensors"))
+    cli = _run("fit", "finetune_presence_absence.yaml", tmp_path, *SMALL_LESIONS,
+               "--model.pretrained_file", str(tmp_path / "pre.safetensors"))
+    assert cli.trainer.state.finished
+    assert cli.datamodule.normalization == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # from the model
+    assert [g["name"] for g in cli.trainer.optimizers[0].param_groups] == ["head", "backbone"]
+    assert torch.equal(cli.model.model.conv1[0].weight, pre.conv1[0].weight)
 
 
 def test_motion_recipe_validate_and_test(tmp_path):

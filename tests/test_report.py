@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from negspace.callbacks import BiasedSplitReport
-from negspace.callbacks.report import format_table
+from negspace.metrics.report import format_table
 from negspace.modules import ClassifierModule
 
 SPLITS = ("train_bias", "inverse_bias", "no_bias")
@@ -80,7 +80,8 @@ def _expected(module: ClassifierModule, data: _Data):
 def test_report_matches_naive_loop(tmp_path, stage):
     module = ClassifierModule(model=_model(), num_classes=2)
     data = _Data()
-    report = BiasedSplitReport(class_names=["benign", "malignant"], n_figures=2, print_table=True)
+    report = BiasedSplitReport(class_names=["benign", "malignant"], n_figures=2, print_table=True,
+                               save_dir=str(tmp_path / "report"))
     trainer = L.Trainer(
         accelerator="cpu", default_root_dir=str(tmp_path), callbacks=[report], logger=False,
         enable_progress_bar=False, enable_model_summary=False,
@@ -117,6 +118,15 @@ def test_report_ig_equals_ixg_for_linear_bias_free_model(tmp_path):
                                                                                   verbose=False)
         results.append(report.result)
     assert results[0]["train_bias"]["attr"] == pytest.approx(results[1]["train_bias"]["attr"], abs=1e-4)
+
+
+def test_no_files_without_logger_or_save_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report = BiasedSplitReport(n_figures=1, print_table=False)
+    L.Trainer(accelerator="cpu", default_root_dir=str(tmp_path), callbacks=[report], logger=False,
+              enable_progress_bar=False, enable_model_summary=False).validate(
+        ClassifierModule(model=_model(), num_classes=2), datamodule=_Data(), verbose=False)
+    assert report.figure_paths == [] and list(tmp_path.iterdir()) == []
 
 
 def test_format_table_and_errors():

@@ -17,26 +17,28 @@ from helpers import hook_count
 from negspace.attribution import input_x_gradient, layer_contributions
 from negspace.callbacks import TensionReport
 from negspace.data_modules.toy import green_pixel_images, motion_sequences
-from negspace.explain import (
+from negspace.explain.tension import (
+    FourierImage,
     TensionResult,
     activating_patches,
     attribution_atlas,
     attribution_inversion,
+    channel_values,
     completeness_correlation,
     dot_cos,
     e_split,
+    embed_2d,
+    grid_average,
     insertion_test,
     layer_to_feature_attribution,
     non_target_attribution,
     phi_maps,
     select_mti,
+    tension_report,
     tension_stats,
     uniqueness,
     visualize,
 )
-from negspace.explain.atlas import embed_2d, grid_average
-from negspace.explain.featureviz import FourierImage
-from negspace.explain.tension import channel_values
 from negspace.models.toy import GreenPixelNet, MotionDetector
 from negspace.objectives import direction, neuron
 
@@ -348,3 +350,73 @@ def test_callback_in_trainer(green, tmp_path):
     assert all(Path(p).stat().st_size > 0 for p in res["figures"])
     assert (Path(res["figures"][0]).parent / "insertion_epoch0.json").exists()
     assert hook_count(net) == 0
+
+
+class _DictModule(_Module):
+    def training_step(self, batch, _):
+        return F.cross_entropy(self(batch["x"]), batch["y"])
+
+    def validation_step(self, batch, _):
+        self.log("val_loss", F.cross_entropy(self(batch["x"]), batch["y"]))
+
+
+def test_callback_dict_batches_old_key_form_no_logger(green, tmp_path):
+    net, x, y, _ = green
+    batches = DataLoader([{"x": x[i], "y": y[i]} for i in range(96)], batch_size=32)
+    with pytest.warns(DeprecationWarning, match="batch_keys"):
+        cb = TensionReport("net.conv2", 1, attribution_layer="net.relu", patch_size=4, stride=2, n_images=20,
+                           batch_keys="x", every_n_epochs=None)  # fmt: skip
+    assert cb.batch_keys.keys == {"image": "x"}
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, callbacks=[cb], default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(_DictModule(net), batches, batches)
+    assert cb.result["figures"] == [] and cb.epochs_run == 1  # once, at the end of fit; no directory: no files
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.json"))
+    assert trainer.callback_metrics["tension/net.conv2/fraction_inhibited"] == 1.0
+    assert hook_count(net) == 0
+
+
+def test_callback_fails_at_setup_on_unknown_layer(green, tmp_path):
+    net, x, y, _ = green
+    cb = TensionReport("net.conv9", [0])
+    trainer = L.Trainer(max_epochs=1, callbacks=[cb], default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    loader = DataLoader(TensorDataset(x[:8], y[:8]), batch_size=8)
+    with pytest.raises(ValueError, match="conv9"):
+        trainer.fit(_Module(net), loader, loader)
+    with pytest.raises(ValueError, match="channels"):
+        TensionReport("net.conv2", [])
+
+
+def test_tension_report_core_and_deprecated_batch_key(green):
+    net, x, y, _ = green
+    rep = tension_report(net, "conv2", [1], x[:96], attribution_layer="relu", patch_size=4, stride=2, n_images=20)
+    assert set(rep) == {"stats", "tension", "insertion", "patches", "selections"}
+    assert rep["stats"][1]["inhibited"] == 1.0 and len(rep["selections"][1]["mei"]) == 4
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    ref = tension_stats(net, "relu", x[:64], neuron("conv2", 1))
+    dicts = [{"img": b[0]} for b in batches]
+    torch.testing.assert_close(tension_stats(net, "relu", dicts, neuron("conv2", 1), batch_keys={"image": "img"}).e, ref.e)
+    with pytest.warns(DeprecationWarning, match="batch_key"):
+        old = tension_stats(net, "relu", dicts, neuron("conv2", 1), batch_key="img")
+    torch.testing.assert_close(old.e, ref.e)
+    with pytest.raises(ValueError, match="n_show"):
+        tension_report(net, "conv2", [1], x[:8], n_show=0)
+
+
+def test_old_module_paths_alias_the_wing():
+    import importlib
+    import warnings
+
+    import negspace.explain.tension as wing
+
+    for old in ("negspace.explain.featureviz", "negspace.explain.atlas"):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            mod = importlib.import_module(old)
+        assert any(issubclass(x.category, DeprecationWarning) for x in w)
+    assert mod.attribution_atlas is wing.attribution_atlas
+    assert importlib.import_module("negspace.explain.featureviz").visualize is wing.visualize
+    for name in wing.__all__:
+        assert getattr(wing, name) is not None

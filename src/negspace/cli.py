@@ -41,11 +41,32 @@ def demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None, help="training samples (default depends on --quick)")
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default 32)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    ft = p.add_argument_group(
+        "fine-tuning demo (--finetune)",
+        "pretrain a backbone on unbiased lesions, save it as a local file, fine-tune it on the biased data with "
+        "none / presence / presence+absence and an unbiased bound (see docs/finetune.md)",
+    )
+    ft.add_argument("--finetune", action="store_true", help="run the fine-tuning demo instead")
+    ft.add_argument("--model", default=None, help="backbone, e.g. timm:resnet10t (default), timm:resnet18 or xsmallcnn")
+    ft.add_argument("--lr", type=float, default=None, help="fine-tuning lr of the head (default 1e-3; the backbone gets lr x multiplier)")
+    ft.add_argument("--backbone-lr-mult", type=float, default=None, help="backbone lr multiplier (default 0.1)")
+    ft.add_argument("--freeze-epochs", type=int, default=None, help="epochs with a frozen backbone (default 1)")
+    ft.add_argument("--pretrain-epochs", type=int, default=None, help="pretraining epochs (default 6)")
     return p
 
 
 def _run_demo(argv: Sequence[str]) -> dict[str, Any]:
     args = demo_parser().parse_args(list(argv))
+    if args.finetune:
+        from negspace.demo import run_finetune_demo
+
+        return run_finetune_demo(
+            quick=args.quick, out=args.out if args.out != "negspace_demo" else "negspace_finetune_demo",
+            progress=not args.no_progress, seeds=args.seeds, epochs=args.epochs, lambdas=args.lambdas,
+            n_train=args.n_train, image_size=args.image_size, model=args.model, lr=args.lr,
+            backbone_lr_mult=args.backbone_lr_mult, freeze_backbone_epochs=args.freeze_epochs,
+            pretrain_epochs=args.pretrain_epochs,
+        )
     from negspace.demo import run_demo
 
     return run_demo(
@@ -74,11 +95,10 @@ def run_cli(args: Sequence[str] | None = None) -> Any:
     if argv and argv[0] == "demo":
         return _run_demo(argv[1:])
     from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.cli import LightningCLI
 
     from negspace.modules.classifier import ClassifierModule
 
-    return LightningCLI(
+    return _cli_class()(
         ClassifierModule,
         LightningDataModule,
         subclass_mode_data=True,
@@ -86,6 +106,55 @@ def run_cli(args: Sequence[str] | None = None) -> Any:
         parser_kwargs={"description": DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter},
         save_config_kwargs={"overwrite": True},
     )
+
+
+def fill_normalize(model: Any, datamodule: Any) -> Any:
+    """Set ``datamodule.normalize`` to the statistics of a timm/torchvision ``ClassifierModule`` network when the
+    data module has a ``normalize`` setting left at ``None``. Returns the statistics used (or ``None``)."""
+    from negspace.data_modules.normalize import model_normalization
+
+    if datamodule is None or getattr(datamodule, "normalize", "absent") is not None:
+        return None  # no normalize setting, or set explicitly in the recipe: the recipe wins
+    net = getattr(model, "model", None)
+    name = getattr(model, "hparams", {}).get("model") if hasattr(model, "hparams") else None
+    stats = model_normalization(net, name if isinstance(name, str) else None)
+    if stats is not None:
+        datamodule.normalize = stats
+    return stats
+
+
+def _cli_class() -> type:
+    """The ``negspace`` LightningCLI: fills ``data.normalize`` from the model; its ``optimizer:`` and
+    ``lr_scheduler:`` sections keep ``ClassifierModule``'s parameter groups (head / backbone multiplier)."""
+    from lightning.pytorch.cli import LightningCLI, instantiate_class
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from negspace.modules.classifier import ClassifierModule
+
+    class NegspaceCLI(LightningCLI):
+        def instantiate_classes(self) -> None:
+            super().instantiate_classes()
+            stats = fill_normalize(self.model, self.datamodule)
+            if stats is not None:
+                rank_zero_info(f"negspace: data normalize set from the model's own statistics: mean {stats[0]}, "
+                               f"std {stats[1]}")
+
+        def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+            if not isinstance(self.model, ClassifierModule):
+                return super()._add_configure_optimizers_method_to_model(subcommand)
+            parser = self._parser(subcommand)
+            inits = {}
+            for key in ("optimizer", "lr_scheduler"):
+                registry = parser._optimizers if key == "optimizer" else parser._lr_schedulers
+                init = self._get(self.config_init, key) if key in registry else None
+                inits[key] = init.as_dict() if hasattr(init, "as_dict") else init
+            if inits["optimizer"]:
+                self.model.optimizer_factory = lambda groups, init=inits["optimizer"]: instantiate_class(groups, init)
+            if inits["lr_scheduler"]:
+                self.model.lr_scheduler_factory = lambda opt, init=inits["lr_scheduler"]: instantiate_class(opt, init)
+            return None
+
+    return NegspaceCLI
 
 
 if __name__ == "__main__":

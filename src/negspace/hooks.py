@@ -30,6 +30,7 @@ __all__ = [
     "StopForward",
     "capture",
     "eval_mode",
+    "frozen_norm_stats",
     "frozen_relu_masks",
     "get_layer",
     "intervene",
@@ -356,3 +357,29 @@ def frozen_relu_masks(model: nn.Module) -> Iterator[None]:
             h.remove()
         if _RELU_FLAG in vars(model):
             delattr(model, _RELU_FLAG)
+
+
+@contextmanager
+def frozen_norm_stats(module: nn.Module) -> Iterator[None]:
+    """Keep the running statistics of every BatchNorm/InstanceNorm in ``module`` unchanged.
+
+    Inside the context each norm layer works on *clones* of its ``running_mean``/``running_var``/
+    ``num_batches_tracked`` buffers; on exit (also after an exception) the original tensor objects are put
+    back untouched. Swapping instead of copying back keeps autograd happy (the extra graph holds the
+    clones, the originals are never modified in place) and is exact for any momentum, including
+    ``momentum=None`` (cumulative average). The forward itself is unchanged: train-mode layers still
+    normalise with batch statistics. Used by attribution priors for their extra forward passes.
+    """
+    saved: list[tuple[nn.Module, str, Tensor]] = []
+    try:
+        for mod in module.modules():
+            if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats:
+                for name in ("running_mean", "running_var", "num_batches_tracked"):
+                    buf = mod._buffers.get(name)
+                    if buf is not None:
+                        saved.append((mod, name, buf))
+                        mod._buffers[name] = buf.clone()
+        yield
+    finally:
+        for mod, name, buf in saved:
+            mod._buffers[name] = buf

@@ -125,7 +125,7 @@ class AnalysisCallback(Callback, abc.ABC):
     """Base of the analysis callbacks: the shared vocabulary, scheduling, data selection and logging.
 
     Subclasses implement :meth:`run` (``trainer, pl_module, loader -> None``), which calls one core function
-    and then :meth:`log` / :meth:`figure`.
+    and then :meth:`log_metrics` / :meth:`figure`.
     """
 
     def __init__(
@@ -174,7 +174,7 @@ class AnalysisCallback(Callback, abc.ABC):
 
     @abc.abstractmethod
     def run(self, trainer: Trainer, pl_module: LightningModule, loader: Any) -> None:
-        """Analyse the data of ``loader`` with the network, then :meth:`log` and :meth:`figure` the result."""
+        """Analyse the data of ``loader`` with the network, then :meth:`log_metrics` and :meth:`figure` the result."""
 
     # ------------------------------------------------------------------------------------------ helpers
     def network(self, pl_module: nn.Module) -> nn.Module:
@@ -197,7 +197,9 @@ class AnalysisCallback(Callback, abc.ABC):
             raise ValueError(f"{type(self).__name__}: dataloader_idx={self.dataloader_idx} but there is one validation loader")
         return loaders
 
-    def log(self, trainer: Trainer, pl_module: LightningModule, metrics: Mapping[str, float]) -> None:
+    def log_metrics(self, trainer: Trainer, pl_module: LightningModule, metrics: Mapping[str, float]) -> None:
+        """Scalars to ``callback_metrics`` and the loggers (:func:`log_scalars`). Not named ``log``: Lightning
+        sets ``callback.log = pl_module.log`` on every callback when a run starts."""
         log_scalars(trainer, pl_module, metrics)
 
     def figure(self, trainer: Trainer, name: str, fig: Any, *parts: str) -> Path | None:

@@ -1,64 +1,71 @@
 """``LinearExplanations`` callback (LE, paper 003): explain neurons of a layer on validation data during or after
-training, score the explanations by simulation, log the scores and write a CSV of explanations.
-
-Thin glue around :mod:`negspace.explain.concepts`, :mod:`negspace.explain.linear` and
-:mod:`negspace.explain.simulation`. Under DDP every rank passes its validation shard; activations, concepts, inputs
-and labels are all-gathered, rank 0 fits and scores, and the explanations and scores are broadcast, so every rank
-holds the same ``callback.result``.
+training with :func:`negspace.explain.le.explain_layer`, log the simulation scores, write a CSV of explanations
+and area charts. Under DDP every rank passes its validation shard and every rank holds the same ``result``.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import lightning as L
-import torch
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from negspace.callbacks.base import output_dir
-from negspace.explain.concepts import BUILTIN_CONCEPT_SETS, label_concepts, split_batch, summarize
-from negspace.explain.linear import Explanation, linear_explanation
-from negspace.explain.simulation import ablation_score, area_chart, correlation_score
-from negspace.hooks import capture, get_layer
+from negspace.batch import unpack_batch
+from negspace.callbacks.base import AnalysisCallback, deprecated_kwarg, progress_enabled
+from negspace.explain.le import (
+    SCALINGS,
+    Explanation,
+    area_chart,
+    check_concepts,
+    check_simulator,
+    correlation_score,
+    explain_layer,
+    required_roles,
+    write_explanations_csv,
+)
+from negspace.hooks import get_layer
+from negspace.reduce import check_reduce
 
 __all__ = ["LinearExplanations"]
 
-FIT_AT = ("train_end", "validation_end")
+#: old ``fit_at=`` values -> ``every_n_epochs``
+FIT_AT: dict[str, int | None] = {"train_end": None, "validation_end": 1}
 
 
-class LinearExplanations(L.Callback):
+class LinearExplanations(AnalysisCallback):
     """Explain ``neurons`` of ``layer`` as sparse linear combinations of concepts, on validation data.
 
     Args:
-        layer: dotted name of the layer (e.g. ``"layer4"`` / ``"features"`` for the penultimate layer).
+        layer: dotted name of the layer (relative to ``forward``), e.g. ``"layer4"`` for the penultimate layer.
         concepts: the concept matrix source, in validation-loader order (use a non-shuffled val loader):
             ``"labels"`` (one-hot classes, ``class_names``/``superclasses``), a built-in set name
-            (``"digits"``, ``"lesions"``; :data:`negspace.explain.concepts.BUILTIN_CONCEPT_SETS`), a tensor
+            (``"digits"``, ``"lesions"``; :data:`negspace.explain.le.BUILTIN_CONCEPT_SETS`), a tensor
             ``(N, M)``, or a callable ``batch -> (B, M)``.
-        neurons: channel indices to explain (``None`` = all).
-        concept_names: names for tensor/callable concepts.
+        neurons: channel indices to explain (``None`` = all). concept_names: names for tensor/callable concepts.
         class_names, superclasses: for ``concepts="labels"``.
-        fit_at: ``"train_end"`` (default), ``"validation_end"`` (end of ``trainer.validate``), or an int ``N``:
-            at the end of every N-th validation epoch during fit (epochs N−1, 2N−1, …).
+        every_n_epochs: ``None`` = once at the end of fit; ``N`` = every N-th validation epoch (also on
+            ``trainer.validate``). ``fit_at`` is its deprecated name (``"train_end"`` → ``None``,
+            ``"validation_end"`` → ``1``, ``N`` → ``N``).
         reduce: neuron summary (``"mean"``, ``"max"``, ``"cls"``).
         ablation: also compute ablation scores (``scaling``: ``"optim"``, ``"norm"`` or ``"none"``); uses the
             exact linear-head fast path when the layer feeds a linear head through average pooling.
-        max_concepts, width, tolerance, split, seed: :func:`negspace.explain.linear_explanation` arguments.
-        max_samples: cap on validation samples used (``None`` = all).
-        n_figures: area charts saved for the first ``n_figures`` neurons.
-        batch_keys: ``(image_key, label_key)`` for dict batches with other names.
+        simulator: who predicts the concepts when scoring: ``"explainer"`` (default: the explainer's own concept
+            matrix, held-out self-consistency) or a simulator such as
+            :class:`~negspace.explain.le.ClipSimulator` (paper 003 §4: SigLIP ``ViT-SO400M-14-SigLIP-384``, a
+            different model than the explainer) applied to the validation inputs.
+        max_concepts, width, tolerance, split, seed, rank: :func:`negspace.explain.le.linear_explanation`
+            arguments (``rank="abs"`` by default, so inhibitory concepts are found; ``"signed"`` is the paper's).
+        max_samples: cap on validation samples used (``None`` = all). n_figures: area charts for the first
+            ``n_figures`` neurons. batch_keys, forward, dataloader_idx, save_dir: the shared vocabulary.
 
-    Logged: ``le/val_correlation``, ``le/test_correlation``, ``le/ablation`` (means over explained, live neurons),
-    ``le/length`` (mean explanation length), ``le/dead`` (dead neurons). Files: ``<log_dir>/linear_explanations/
-    explanations_epoch<E>.csv`` (and ``explanations.csv``, the latest) with columns ``layer, unit, val_correlation,
-    test_correlation, ablation, bias, n_concepts, concepts, weights`` (``|``-separated); PNG area charts.
-    ``callback.result`` is the list of :class:`~negspace.explain.linear.Explanation`; ``callback.scores`` the dict.
+    Logged: ``le/val_correlation``, ``le/test_correlation``, ``le/simulation_correlation`` (test split, with
+    ``simulator``), ``le/ablation`` (means over explained, live neurons),
+    ``le/length`` (mean explanation length), ``le/dead`` (dead neurons). Files (when there is a directory):
+    ``<log_dir>/linear_explanations/explanations_epoch<E>.csv`` (and ``explanations.csv``, the latest) and area
+    charts. ``callback.result`` is the list of :class:`~negspace.explain.le.Explanation`; ``callback.scores`` the dict.
     """
 
     def __init__(
@@ -70,10 +77,11 @@ class LinearExplanations(L.Callback):
         concept_names: Sequence[str] | None = None,
         class_names: Sequence[str] | None = None,
         superclasses: Mapping[str, Sequence[int | str]] | None = None,
-        fit_at: str | int = "train_end",
+        every_n_epochs: int | None = None,
         reduce: str = "mean",
         ablation: bool = True,
         scaling: str = "optim",
+        simulator: str | Callable[[Tensor, Sequence[str]], Tensor] = "explainer",
         max_concepts: int = 10,
         width: int = 10,
         tolerance: float = 0.02,
@@ -81,259 +89,93 @@ class LinearExplanations(L.Callback):
         seed: int = 0,
         max_samples: int | None = None,
         n_figures: int = 0,
+        rank: str = "abs",
         dataloader_idx: int = 0,
-        batch_keys: Sequence[str] | None = None,
+        batch_keys: Any = None,
+        forward: str | None = None,
+        save_dir: str | None = None,
         batch_size: int = 256,
+        fit_at: str | int | None = None,
     ) -> None:
-        super().__init__()
+        if fit_at is not None:
+            if not (fit_at in FIT_AT or (isinstance(fit_at, int) and not isinstance(fit_at, bool) and fit_at >= 1)):
+                raise ValueError(f"fit_at must be one of {tuple(FIT_AT)} or a positive int, got {fit_at!r}")
+            deprecated_kwarg("LinearExplanations", "fit_at", "every_n_epochs", fit_at, every_n_epochs)
+            every_n_epochs = FIT_AT.get(fit_at, fit_at) if isinstance(fit_at, str) else fit_at
+        super().__init__(every_n_epochs=every_n_epochs, batch_keys=batch_keys, forward=forward,
+                         dataloader_idx=dataloader_idx, save_dir=save_dir)
         if not isinstance(layer, str):
             raise TypeError(f"layer must be a dotted name, got {type(layer).__name__}")
-        if isinstance(concepts, str) and concepts != "labels" and concepts not in BUILTIN_CONCEPT_SETS:
-            raise ValueError(
-                f"concepts must be 'labels', one of {sorted(BUILTIN_CONCEPT_SETS)}, a Tensor (N, M) or a callable; "
-                f"got {concepts!r}"
-            )
-        if not (isinstance(concepts, (str, Tensor)) or callable(concepts)):
-            raise TypeError(f"concepts must be a string, a Tensor or a callable, got {type(concepts).__name__}")
-        if not (fit_at in FIT_AT or (isinstance(fit_at, int) and not isinstance(fit_at, bool) and fit_at >= 1)):
-            raise ValueError(f"fit_at must be one of {FIT_AT} or a positive int (every N epochs), got {fit_at!r}")
-        if scaling not in ("optim", "norm", "none"):
-            raise ValueError(f"scaling must be 'optim', 'norm' or 'none', got {scaling!r}")
-        if reduce not in ("mean", "max", "cls"):
-            raise ValueError(f"reduce must be 'mean', 'max' or 'cls', got {reduce!r}")
-        self.layer = layer
-        self.concepts = concepts
+        check_concepts(concepts)
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+        check_simulator(simulator)
+        if rank not in ("abs", "signed"):
+            raise ValueError(f"rank must be 'abs' or 'signed', got {rank!r}")
+        self.reduce = check_reduce(reduce, ("mean", "max", "cls"))
+        self.layer, self.concepts, self.ablation, self.scaling, self.simulator = (layer, concepts, ablation, scaling,
+                                                                                  simulator)
         self.neurons = [neurons] if isinstance(neurons, int) else (None if neurons is None else list(neurons))
-        self.concept_names = list(concept_names) if concept_names is not None else None
-        self.class_names = list(class_names) if class_names is not None else None
-        self.superclasses = dict(superclasses) if superclasses else None
-        self.fit_at = fit_at
-        self.reduce = reduce
-        self.ablation = ablation
-        self.scaling = scaling
+        self.concept_kwargs = {
+            "concept_names": list(concept_names) if concept_names is not None else None,
+            "class_names": list(class_names) if class_names is not None else None,
+            "superclasses": dict(superclasses) if superclasses else None,
+        }
         self.le_kwargs = {"max_concepts": max_concepts, "width": width, "tolerance": tolerance,
-                          "split": tuple(split), "seed": seed}
-        self.max_samples = max_samples
-        self.n_figures = n_figures
-        self.dataloader_idx = dataloader_idx
-        self.batch_keys = batch_keys
-        self.batch_size = batch_size
+                          "split": tuple(split), "seed": seed, "rank": rank}
+        self.max_samples, self.n_figures, self.batch_size = max_samples, n_figures, batch_size
         self.result: list[Explanation] | None = None
         self.scores: dict[str, float] = {}
         self.ablation_scores: list[float] = []
         self.csv_path: str | None = None
         self.figure_paths: list[str] = []
-        self._root: str | None = None
+        self._checked = False
 
-    # ------------------------------------------------------------------------------------------ data
-    def _val_loader(self, trainer: L.Trainer) -> Any:
-        loaders = trainer.val_dataloaders
-        if loaders is None:
-            raise RuntimeError("LinearExplanations explains on validation data, but the trainer has no val dataloader")
-        if isinstance(loaders, Mapping):
-            return list(loaders.values())[self.dataloader_idx]
-        if isinstance(loaders, Sequence):
-            return loaders[self.dataloader_idx]
-        return loaders
+    # ------------------------------------------------------------------------------------------ early failure
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        get_layer(self.network(pl_module), self.layer)
 
-    def _collect(self, pl_module: L.LightningModule, loader: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One pass over the loader: ``(x, y, summaries (N, D), concepts (N, M))`` of this rank."""
-        xs, ys, acts, concs = [], [], [], []
-        n = 0
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad(), capture(pl_module, self.layer, detach=True, stop_after=False) as cap:
-                for batch in loader:
-                    x, y, extras = split_batch(batch, self.batch_keys)
-                    if y is None:
-                        raise ValueError("LinearExplanations needs labelled validation batches")
-                    pl_module(x.to(pl_module.device))
-                    acts.append(summarize(cap.activations[self.layer], self.reduce).float().cpu())
-                    xs.append(x.cpu())
-                    ys.append(torch.as_tensor(y).long().flatten().cpu())
-                    if callable(self.concepts) and not isinstance(self.concepts, Tensor):
-                        concs.append(torch.as_tensor(self.concepts(batch)).float().cpu())
-                    elif self.concepts == "lesions":
-                        mask = extras.get("mask")
-                        if mask is None:
-                            raise ValueError("concepts='lesions' needs a 'mask' in every validation batch")
-                        concs.append((mask.flatten(1) > 0).any(1).float().cpu()[:, None])
-                    n += x.shape[0]
-                    if self.max_samples is not None and n >= self.max_samples:
-                        break
-        finally:
-            pl_module.train(was_training)
-        x, y, a = torch.cat(xs), torch.cat(ys), torch.cat(acts)
-        c = torch.cat(concs) if concs else torch.zeros(len(y), 0)
-        if self.max_samples is not None:
-            x, y, a, c = x[: self.max_samples], y[: self.max_samples], a[: self.max_samples], c[: self.max_samples]
-        return x, y, a, c
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if not self._checked and dataloader_idx == self.dataloader_idx:
+            unpack_batch(batch, self.batch_keys, require=required_roles(self.concepts), who="LinearExplanations")
+            self._checked = True
 
-    def _concept_matrix(self, y: Tensor, extra: Tensor, n_classes: int) -> tuple[Tensor, list[str]]:
-        if isinstance(self.concepts, Tensor):
-            p = self.concepts.float()
-            if p.ndim != 2 or p.shape[0] < len(y):
-                raise ValueError(
-                    f"concepts tensor must be (N, M) with N >= {len(y)} validation samples, got {tuple(p.shape)}"
-                )
-            p = p[: len(y)]
-            names = self.concept_names or [f"c{i}" for i in range(p.shape[1])]
-            return p, names
-        if callable(self.concepts):
-            names = self.concept_names or [f"c{i}" for i in range(extra.shape[1])]
-            return extra, names
-        if self.concepts == "labels":
-            names = self.class_names or [f"class {i}" for i in range(n_classes)]
-            return label_concepts(y, names, self.superclasses)
-        spec = BUILTIN_CONCEPT_SETS[self.concepts]
-        p, names = label_concepts(y, spec["class_names"], spec["superclasses"])
-        if spec.get("mask_concept"):
-            p = torch.cat([p, extra], 1)
-            names.append(spec["mask_concept"])
-        return p, names
-
-    @staticmethod
-    def _gather(trainer: L.Trainer, t: Tensor) -> Tensor:
-        """Concatenate ``t`` (N_r, ...) over ranks (unequal N_r allowed)."""
-        if trainer.world_size <= 1:
-            return t
-        strategy = trainer.strategy
-        n = torch.tensor([t.shape[0]], device=strategy.root_device)
-        sizes = strategy.all_gather(n).flatten().tolist()
-        pad = max(sizes) - t.shape[0]
-        tt = t.to(strategy.root_device)
-        if pad:
-            tt = torch.cat([tt, tt.new_zeros(pad, *tt.shape[1:])])
-        g = strategy.all_gather(tt).cpu()  # (W, max, ...)
-        return torch.cat([g[r, : sizes[r]] for r in range(len(sizes))])
-
-    # ------------------------------------------------------------------------------------------ fitting
-    def explain(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Explanation]:
+    # ------------------------------------------------------------------------------------------ run
+    def explain(self, trainer: Trainer, pl_module: LightningModule) -> list[Explanation] | None:
         """Explain and score now on the validation dataloader (also callable by hand)."""
-        get_layer(pl_module, self.layer)
-        if isinstance(self.concepts, Tensor) and trainer.world_size > 1:
-            raise ValueError(
-                "a concepts tensor is aligned with the unsharded validation set; under DDP pass a callable "
-                "batch -> (B, M), 'labels' or a built-in concept set name instead"
-            )
-        self._root = str(output_dir(trainer))
-        with torch.inference_mode(False):
-            x, y, acts, extra = self._collect(pl_module, self._val_loader(trainer))
-            x, y = self._gather(trainer, x), self._gather(trainer, y)
-            acts, extra = self._gather(trainer, acts), self._gather(trainer, extra)
-            payload = None
-            if trainer.is_global_zero:
-                payload = self._fit(trainer, pl_module, x, y, acts, extra)
-            if trainer.world_size > 1:
-                payload = trainer.strategy.broadcast(payload, src=0)
-        exps = [Explanation.from_dict(d) for d in payload["explanations"]]
-        self.result = exps
-        self.scores = dict(payload["scores"])
-        self.ablation_scores = list(payload["ablation"])
-        self.csv_path = payload["csv"]
-        if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics(self.scores, step=trainer.global_step)
-        return exps
+        self._run(trainer, pl_module)
+        return self.result
 
-    def _fit(self, trainer: L.Trainer, pl_module: L.LightningModule, x: Tensor, y: Tensor, acts: Tensor,
-             extra: Tensor) -> dict[str, Any]:
-        n_classes = int(y.max()) + 1 if len(y) else 1
-        if self.class_names:
-            n_classes = len(self.class_names)
-        p, names = self._concept_matrix(y, extra, n_classes)
-        units = list(range(acts.shape[1])) if self.neurons is None else self.neurons
-        if units and max(units) >= acts.shape[1]:
-            raise ValueError(f"neurons {units} out of range for layer {self.layer!r} with {acts.shape[1]} neurons")
-        exps = linear_explanation(acts[:, units], p, concept_names=names, units=units, **self.le_kwargs)
-        live = [i for i, e in enumerate(exps) if not e.dead]
-        abl = [float("nan")] * len(exps)
-        if self.ablation and live:
-            was_training = pl_module.training
-            try:
-                with torch.enable_grad():
-                    res = ablation_score(
-                        pl_module, self.layer, [units[i] for i in live], [exps[i] for i in live], (x, y),
-                        concepts=p, scaling=self.scaling, reduce="cls" if self.reduce == "cls" else "mean",
-                        batch_size=self.batch_size,
-                    )
-            finally:
-                pl_module.train(was_training)
-            for i, s in zip(live, res):
-                abl[i] = s
-
-        def mean(vals: Sequence[float]) -> float:
-            v = [float(a) for a in vals if not math.isnan(float(a))]
-            return sum(v) / len(v) if v else float("nan")
-
-        scores = {
-            "le/val_correlation": mean([exps[i].val_correlation for i in live]),
-            "le/test_correlation": mean([exps[i].test_correlation for i in live]),
-            "le/length": mean([len(exps[i].concepts) for i in live]),
-            "le/dead": float(len(exps) - len(live)),
-        }
-        if self.ablation:
-            scores["le/ablation"] = mean(abl)
-        csv_path = self._write_csv(trainer, exps, abl)
-        self._figures(trainer, exps, acts[:, units], p, names)
-        rank_zero_info(
-            f"LinearExplanations({self.layer}): {len(live)} neurons, mean val ρ {scores['le/val_correlation']:.3f}, "
-            f"test ρ {scores['le/test_correlation']:.3f}"
-            + (f", ablation {scores['le/ablation']:.3f}" if self.ablation else "")
-            + f"; CSV {csv_path}"
+    def run(self, trainer: Trainer, pl_module: LightningModule, loader: Any) -> None:
+        res = explain_layer(
+            self.network(pl_module), self.layer, loader, concepts=self.concepts, neurons=self.neurons,
+            reduce=self.reduce, ablation=self.ablation, scaling=self.scaling, simulator=self.simulator,
+            max_samples=self.max_samples,
+            batch_size=self.batch_size, batch_keys=self.batch_keys, progress=progress_enabled(trainer),
+            **self.concept_kwargs, **self.le_kwargs,
         )
-        return {"explanations": [e.to_dict() for e in exps], "scores": scores, "ablation": abl, "csv": csv_path}
-
-    def _folder(self, trainer: L.Trainer) -> str:
-        root = self._root or trainer.default_root_dir
-        folder = os.path.join(root, "linear_explanations")
-        os.makedirs(folder, exist_ok=True)
-        return folder
-
-    def _write_csv(self, trainer: L.Trainer, exps: list[Explanation], abl: list[float]) -> str:
-        folder = self._folder(trainer)
-        header = ["layer", "unit", "val_correlation", "test_correlation", "ablation", "bias", "n_concepts",
-                  "concepts", "weights"]
-        rows = [
-            [self.layer, e.unit, e.val_correlation, e.test_correlation, a, e.bias, len(e.concepts),
-             "|".join(e.concepts), "|".join(f"{w:.6g}" for w in e.weights)]
-            for e, a in zip(exps, abl)
-        ]
-        path = os.path.join(folder, f"explanations_epoch{trainer.current_epoch}.csv")
-        for p in (path, os.path.join(folder, "explanations.csv")):
-            with open(p, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(header)
-                w.writerows(rows)
-        return path
-
-    def _figures(self, trainer: L.Trainer, exps: list[Explanation], acts: Tensor, p: Tensor, names: list[str]) -> None:
-        if self.n_figures <= 0:
-            return
-        import matplotlib.pyplot as plt
-
-        folder = self._folder(trainer)
-        for j, e in enumerate(exps[: self.n_figures]):
-            path = os.path.join(folder, f"area_unit{e.unit}_epoch{trainer.current_epoch}.png")
-            fig = area_chart(acts[:, j], p, names, explanation=e if e.concepts else None, path=path,
-                             title=f"{self.layer} {e}")
-            plt.close(fig)
-            self.figure_paths.append(path)
-
-    # ------------------------------------------------------------------------------------------ hooks
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not isinstance(self.fit_at, int) or trainer.state.fn != "fit":
-            return
-        if (trainer.current_epoch + 1) % self.fit_at == 0:
-            self.explain(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.fit_at == "train_end":
-            self.explain(trainer, pl_module)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.fit_at == "validation_end" and trainer.state.fn == "validate":
-            self.explain(trainer, pl_module)
+        self.result, self.ablation_scores = res.explanations, res.ablation
+        self.scores = {f"le/{k}": v for k, v in res.scores().items()}
+        self.log_metrics(trainer, pl_module, self.scores)
+        epoch = trainer.current_epoch
+        folder = self.files_dir(trainer, "linear_explanations")
+        if folder is not None and trainer.is_global_zero:
+            self.csv_path = str(write_explanations_csv(folder / f"explanations_epoch{epoch}.csv", res))
+            write_explanations_csv(folder / "explanations.csv", res)
+        for j, e in enumerate(res.explanations[: max(0, self.n_figures)]):
+            fig = area_chart(res.activations[:, j], res.concepts, res.concept_names,
+                             explanation=e if e.concepts else None, title=f"{self.layer} {e}")
+            path = self.figure(trainer, f"le/area_unit{e.unit}_epoch{epoch}", fig, "linear_explanations")
+            if path is not None:
+                self.figure_paths.append(str(path))
+        s = self.scores
+        rank_zero_info(
+            f"LinearExplanations({self.layer}): {len(res.explanations) - int(s['le/dead'])} neurons, mean val ρ "
+            f"{s['le/val_correlation']:.3f}, test ρ {s['le/test_correlation']:.3f}, simulation ρ "
+            f"{s['le/simulation_correlation']:.3f} ({res.simulator})"
+            + (f", ablation {s['le/ablation']:.3f}" if self.ablation else "") + f"; CSV {self.csv_path}"
+        )
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -1,27 +1,34 @@
-"""``VirtualNeurons`` callback (PURE, paper 004): fit virtual neurons on validation data, log scores, save
-figures of the reference samples per virtual neuron, and optionally route/ablate one meaning.
+"""``VirtualNeurons`` callback (PURE, paper 004): fit virtual neurons on validation data, log their scores and
+figures of the references per virtual neuron, and optionally route/ablate one meaning.
 
-Thin glue around :mod:`negspace.editing.pure` (fitting, router) and :mod:`negspace.editing.embeddings`
-(crops, CLIP distances). Under DDP each rank passes its validation shard; references and circuits are
-all-gathered, k-means runs on rank 0 and the centroids are broadcast (every rank holds the same edit).
+Thin glue around :func:`negspace.explain.pure.fit_virtual_neurons`, :func:`~negspace.explain.pure.
+evaluate_virtual_neurons` (crops, CLIP distances) and :class:`negspace.editing.VirtualNeuronRouter`. Under
+DDP each rank passes its validation shard; references and circuits are all-gathered, k-means runs on rank 0
+and the centroids are broadcast (every rank holds the same edit).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning as L
-import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch import LightningModule, Trainer
 
-from negspace.callbacks.base import output_dir
-from negspace.editing import pure as P
+from negspace import plots
+from negspace.batch import images_of
+from negspace.callbacks.base import AnalysisCallback, deprecated_kwarg, log_scalars, progress_enabled
+from negspace.editing.router import MODES, VirtualNeuronRouter
+from negspace.explain.pure import (
+    VirtualNeuronSet,
+    evaluate_virtual_neurons,
+    fit_virtual_neurons,
+    neuron_indices,
+)
+from negspace.hooks import get_layer
 
 __all__ = ["VirtualNeurons"]
 
-WHEN = ("train_end", "validation_end")
+_FIT_AT = ("train_end", "validation_end")
 
 
 def _as_edits(edit: Mapping | Sequence[Mapping] | None) -> dict[int, dict[int, float]]:
@@ -36,30 +43,43 @@ def _as_edits(edit: Mapping | Sequence[Mapping] | None) -> dict[int, dict[int, f
     return out
 
 
-class VirtualNeurons(L.Callback):
+def _epochs_of_fit_at(fit_at: object) -> int | None:
+    """Deprecated ``fit_at`` → ``every_n_epochs``: ``"train_end"`` → None, epoch ``N`` → ``N + 1`` (refits every
+    ``N + 1`` epochs), ``"validation_end"`` → 1 (every validation epoch, ``trainer.validate`` included)."""
+    if fit_at == "train_end":
+        return None
+    if fit_at == "validation_end":
+        return 1
+    if isinstance(fit_at, int) and not isinstance(fit_at, bool) and fit_at >= 0:
+        return fit_at + 1
+    raise ValueError(f"fit_at must be one of {_FIT_AT} or a non-negative epoch int, got {fit_at!r}")
+
+
+class VirtualNeurons(AnalysisCallback):
     """Split neurons of ``layer`` into PURE virtual neurons fitted on validation data.
 
     Args:
-        layer: dotted name of the layer whose channels are split (``L``).
+        layer: dotted name of the layer whose channels are split (``L``), relative to ``forward``.
         circuit_layer: dotted name of the layer below (``L−1``) on which circuits live.
         neurons: channel indices to split (``None`` = all).
         k: virtual neurons per channel (``int >= 2`` or ``"auto"`` = best silhouette in ``k_range``).
         n_ref: reference samples per neuron (top spatial-max activation).
-        fit_at: ``"train_end"`` (default), ``"validation_end"`` (end of ``trainer.validate``) or an int epoch
-            ``N`` (end of the validation epoch N during fit).
-        edit: ``{"neuron": k, "virtual": j, "scale": 0.0}`` or a list of them: a
-            :class:`~negspace.editing.pure.VirtualNeuronRouter` active during validation/test/predict after
-            fitting (``edit_mode``: ``"sample"`` or ``"position"``).
+        reduce: circuit seed, ``"relu"`` (the paper's code) or ``"max"`` (one-hot at the argmax) etc.
+        every_n_epochs: ``None`` = fit once at the end of fit; ``N`` = refit every N-th validation epoch.
+        edit: ``{"neuron": k, "virtual": j, "scale": 0.0}`` or a list of them: a :class:`VirtualNeuronRouter`
+            active during validation/test/predict after fitting (``edit_mode``: ``"sample"`` or ``"position"``).
         encoder: ``None`` (no embedding scores), an open_clip name (``"ViT-B-32"``, ``"tiny"``) loaded with
-            ``pretrained``, or a module with ``encode_image``. Embeds attribution-cropped references and logs
-            the CLIP inter/intra scores of PURE vs activation clustering and the distance correlations.
-        figures: save ``<log_dir>/pure/neuron_<k>.png`` (rows: virtual neurons, columns: cropped references).
+            ``pretrained``, or a module with ``encode_image``: logs the CLIP inter/intra scores of PURE vs
+            activation clustering and the distance correlations.
+        figures: log a figure per reported neuron (rows: virtual neurons, columns: cropped references).
         max_report: neurons (the first ones) that get CLIP scores and figures.
-        replicate_at: see :func:`negspace.editing.pure.circuit_rows` (a shortcut bypassing the circuit layer).
+        replicate_at: see :func:`negspace.explain.pure.circuit_rows` (a shortcut bypassing the circuit layer).
+        batch_keys, forward, dataloader_idx, save_dir: the shared callback vocabulary.
+        fit_at, image_key: deprecated names of ``every_n_epochs`` and ``batch_keys={"image": ...}``.
 
-    Logged: ``pure/neuron_<k>/circuit_separation`` (inter − intra distance of circuits), and with an encoder
+    Logged: ``pure/neuron_<k>/circuit_{inter,intra,separation}`` (circuit distances), and with an encoder
     ``pure/neuron_<k>/{clip_pure, clip_activation, polysemanticity, corr_pure, corr_activation}``.
-    ``callback.result`` is the fitted :class:`negspace.editing.VirtualNeurons`; ``callback.scores`` the dict.
+    ``callback.result`` is the fitted :class:`~negspace.explain.pure.VirtualNeuronSet`; ``callback.scores`` the dict.
     """
 
     def __init__(
@@ -71,9 +91,9 @@ class VirtualNeurons(L.Callback):
         *,
         n_ref: int = 100,
         k_range: tuple[int, int] = (2, 5),
-        reduce: str = "max",
+        reduce: str = "relu",
         fast: bool | str = "auto",
-        fit_at: str | int = "train_end",
+        every_n_epochs: int | None = None,
         edit: Mapping | Sequence[Mapping] | None = None,
         edit_mode: str = "sample",
         encoder: Any = None,
@@ -84,187 +104,110 @@ class VirtualNeurons(L.Callback):
         n_show: int = 8,
         max_report: int = 8,
         batch_size: int = 64,
-        image_key: str = "image",
+        batch_keys: Any = None,
+        forward: str | None = None,
         dataloader_idx: int = 0,
+        save_dir: str | None = None,
         seed: int = 0,
         replicate_at: str | None = None,
+        fit_at: str | int | None = None,
+        image_key: str | None = None,
     ) -> None:
-        super().__init__()
-        if not (fit_at in WHEN or (isinstance(fit_at, int) and not isinstance(fit_at, bool) and fit_at >= 0)):
-            raise ValueError(f"fit_at must be one of {WHEN} or a non-negative epoch int, got {fit_at!r}")
-        if edit_mode not in P.MODES:
-            raise ValueError(f"edit_mode must be one of {P.MODES}, got {edit_mode!r}")
-        P.VirtualNeurons(layer, circuit_layer, k=k, k_range=k_range, reduce=reduce, fast=fast)  # validates options
-        self.layer, self.circuit_layer = layer, circuit_layer
-        self.neurons = None if neurons is None else P._as_neuron_list(neurons).tolist()
-        self.k, self.n_ref, self.k_range, self.reduce, self.fast = k, n_ref, k_range, reduce, fast
+        if fit_at is not None:
+            deprecated_kwarg("VirtualNeurons", "fit_at", "every_n_epochs", fit_at, every_n_epochs)
+            every_n_epochs = _epochs_of_fit_at(fit_at)
+        batch_keys = deprecated_kwarg("VirtualNeurons", "image_key", "batch_keys",
+                                      None if image_key is None else {"image": image_key}, batch_keys)
+        super().__init__(every_n_epochs=every_n_epochs, batch_keys=batch_keys, forward=forward,
+                         dataloader_idx=dataloader_idx, save_dir=save_dir)
+        if edit_mode not in MODES:
+            raise ValueError(f"edit_mode must be one of {MODES}, got {edit_mode!r}")
+        VirtualNeuronSet(layer, circuit_layer, k=k, k_range=k_range, reduce=reduce, fast=fast)  # validates options
         if isinstance(k, int) and k > n_ref:
             raise ValueError(f"k={k} is larger than n_ref={n_ref}")
-        self.fit_at, self.edits, self.edit_mode = fit_at, _as_edits(edit), edit_mode
+        self.layer, self.circuit_layer = layer, circuit_layer
+        sel = neuron_indices(neurons)
+        self.neurons = None if sel is None else sel.tolist()
+        self.k, self.n_ref, self.k_range, self.reduce, self.fast = k, n_ref, k_range, reduce, fast
+        self.edits, self.edit_mode = _as_edits(edit), edit_mode
         self.encoder, self.pretrained = encoder, pretrained
         self.crop_kernel, self.crop_threshold = crop_kernel, crop_threshold
         self.figures, self.n_show, self.max_report = figures, n_show, max_report
-        self.batch_size, self.image_key, self.dataloader_idx, self.seed = batch_size, image_key, dataloader_idx, seed
-        self.replicate_at = replicate_at
-        self.result: P.VirtualNeurons | None = None
-        self.router: P.VirtualNeuronRouter | None = None
+        self.batch_size, self.seed, self.replicate_at = batch_size, seed, replicate_at
+        self.result: VirtualNeuronSet | None = None
+        self.router: VirtualNeuronRouter | None = None
         self.scores: dict[str, float] = {}
         self.figure_paths: list[str] = []
+        self._layout_checked = False
 
-    # ----------------------------------------------------------------------------------------- fitting
-    def _val_loader(self, trainer: L.Trainer) -> Any:
-        loaders = trainer.val_dataloaders
-        if loaders is None:
-            raise RuntimeError("VirtualNeurons fits on validation data, but the trainer has no val dataloader")
-        if isinstance(loaders, Sequence):
-            return loaders[self.dataloader_idx]
-        if isinstance(loaders, Mapping):
-            return list(loaders.values())[self.dataloader_idx]
-        return loaders
+    # ------------------------------------------------------------------------------------- early checks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        net = self.network(pl_module)
+        get_layer(net, self.layer)
+        get_layer(net, self.circuit_layer)
 
-    def fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> P.VirtualNeurons:
-        """Fit on the validation dataloader now (also callable by hand)."""
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not self._layout_checked and dataloader_idx == self.dataloader_idx:
+            images_of(batch, self.batch_keys, who="VirtualNeurons")  # fails now, not after the fit
+            self._layout_checked = True
+
+    # ------------------------------------------------------------------------------------------ fitting
+    def run(self, trainer: Trainer, pl_module: LightningModule, loader: Any) -> None:
+        """Fit on the validation loader, log scores and figures, build the router (if ``edit``)."""
         self._remove_router()
-        data = self._val_loader(trainer)
-        with torch.inference_mode(False), torch.enable_grad():
-            vn = P.fit_virtual_neurons(
-                pl_module, self.layer, self.circuit_layer, data, neurons=self.neurons, n_ref=self.n_ref, k=self.k,
-                k_range=self.k_range, reduce=self.reduce, fast=self.fast, batch_size=self.batch_size, seed=self.seed,
-                image_key=self.image_key, replicate_at=self.replicate_at,
-            )
-            self.result = vn
-            self.scores = self._circuit_scores(vn)
-            if trainer.is_global_zero and (self.encoder is not None or self.figures):
-                self._report(trainer, pl_module, vn, data)
-        if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics(self.scores, step=trainer.global_step)
-        if self.edits:
-            self.router = P.VirtualNeuronRouter(vn, self.edits, mode=self.edit_mode)
-        return vn
-
-    def _circuit_scores(self, vn: P.VirtualNeurons) -> dict[str, float]:
-        """PURE-space polysemanticity: inter/intra Euclidean distances of the clustered reference circuits."""
-        scores = {}
+        net = self.network(pl_module)
+        vn = fit_virtual_neurons(
+            net, self.layer, self.circuit_layer, loader, neurons=self.neurons, n_ref=self.n_ref, k=self.k,
+            k_range=self.k_range, reduce=self.reduce, fast=self.fast, batch_size=self.batch_size, seed=self.seed,
+            batch_keys=self.batch_keys, replicate_at=self.replicate_at, progress=progress_enabled(trainer),
+        )
+        self.result = vn
+        scores: dict[str, float] = {}
         for n, (inter, intra) in vn.separation.items():
             pre = f"pure/neuron_{n}/"
             scores.update({pre + "circuit_inter": float(inter), pre + "circuit_intra": float(intra),
                            pre + "circuit_separation": float(inter - intra)})
-        return scores
+        if trainer.is_global_zero and (self.encoder is not None or self.figures):
+            reports = evaluate_virtual_neurons(
+                net, vn, loader, encoder=self.encoder, pretrained=self.pretrained, max_neurons=self.max_report,
+                kernel_size=self.crop_kernel, threshold=self.crop_threshold, batch_size=self.batch_size,
+                batch_keys=self.batch_keys, seed=self.seed, rank=0,
+            )
+            for rep in reports:
+                scores.update({f"pure/neuron_{rep.neuron}/{name}": v for name, v in rep.scores.items()})
+                if self.figures:
+                    fig = plots.pure_virtual_neurons(rep.crops, rep.labels, rep.n_virtual, n_show=self.n_show,
+                                                     title=f"{self.layer} neuron {rep.neuron}")
+                    path = self.figure(trainer, f"pure/neuron_{rep.neuron}", fig, "pure")
+                    if path is not None:
+                        self.figure_paths.append(str(path))
+        self.scores = scores
+        log_scalars(trainer, pl_module, scores)  # not self.log: Lightning rebinds it to pl_module.log
+        if self.edits:
+            self.router = VirtualNeuronRouter(vn, self.edits, mode=self.edit_mode)
 
-    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, vn: P.VirtualNeurons, data: Any) -> None:
-        from negspace.editing import embeddings as E
-
-        refs, ranks = vn.references, vn.reference_ranks
-        if refs is None or ranks is None:
-            return
-        encoder = self.encoder
-        if isinstance(encoder, str):
-            from negspace.models.clip import load_clip
-
-            encoder = load_clip(encoder, pretrained=self.pretrained)[0]
-        device = P._model_device(pl_module)
-        for row, n in enumerate(vn.neurons[: self.max_report]):
-            mine = ranks[row] == 0  # under DDP only rank 0's own references can be shown
-            if not bool(mine.any()):
-                continue
-            idx, lab = refs.indices[row][mine], vn.labels[n][mine]
-            x = E.reference_images(data, idx, batch_size=self.batch_size, image_key=self.image_key).to(device)
-            crops = E.crop_references(pl_module, self.layer, x, n, kernel_size=self.crop_kernel,
-                                      threshold=self.crop_threshold, reduce=self.reduce)
-            if encoder is not None and len(idx) >= 3:
-                emb = E.embed(crops.cpu(), encoder)
-                c = P.circuits(pl_module, self.layer, self.circuit_layer, x, n, reduce=self.reduce, fast=self.fast)
-                act = E.activation_vectors(pl_module, self.layer, x, reduce=self.reduce)
-                k = vn.n_virtual(n)
-                if len(idx) > k:
-                    res = E.compare_clusterings(emb, c.detach().cpu(), act.cpu(), pure_labels=lab, k=k, seed=self.seed)
-                    pre = f"pure/neuron_{n}/"
-                    self.scores.update({
-                        pre + "clip_pure": res["pure"]["score"],
-                        pre + "clip_activation": res["activation"]["score"],
-                        pre + "polysemanticity": res["embedding"]["score"],
-                        pre + "corr_pure": res["corr_pure"],
-                        pre + "corr_activation": res["corr_activation"],
-                    })
-            if self.figures:
-                self.figure_paths.append(self._figure(trainer, n, crops.detach().cpu(), lab, vn.n_virtual(n)))
-
-    def _figure(self, trainer: L.Trainer, n: int, crops: torch.Tensor, labels: torch.Tensor, n_virtual: int) -> str:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        cols = self.n_show
-        fig, axes = plt.subplots(n_virtual, cols, figsize=(1.2 * cols, 1.3 * n_virtual), squeeze=False)
-        for j in range(n_virtual):
-            members = crops[labels == j][:cols]
-            for c in range(cols):
-                ax = axes[j][c]
-                ax.axis("off")
-                if c < len(members):
-                    img = members[c].float()
-                    img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-8)
-                    if img.shape[0] == 1:
-                        ax.imshow(img[0].numpy(), cmap="gray")
-                    else:  # first three channels as RGB (two-channel inputs get an empty blue channel)
-                        rgb = torch.cat([img[:3], torch.zeros(max(0, 3 - img.shape[0]), *img.shape[1:])])
-                        ax.imshow(rgb.permute(1, 2, 0).numpy())
-            axes[j][0].set_title(f"virtual {j} ({int((labels == j).sum())})", fontsize=7, loc="left")
-        fig.suptitle(f"{self.layer} neuron {n}", fontsize=9)
-        fig.tight_layout()
-        folder = str(output_dir(trainer, "pure"))
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"neuron_{n}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
-
-    # ------------------------------------------------------------------------------------------- hooks
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not isinstance(self.fit_at, int) or self.result is not None:
-            return
-        if trainer.state.fn == "fit" and trainer.current_epoch == self.fit_at:
-            self.fit(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.fit_at == "train_end":
-            self.fit(trainer, pl_module)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.fit_at == "validation_end" and trainer.state.fn == "validate":
-            self._remove_router()
-            self.fit(trainer, pl_module)
-        else:
-            self._remove_router()
-
-    def _apply_router(self, pl_module: L.LightningModule) -> None:
+    # ------------------------------------------------------------------------------------------- router
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The router (if any) is active during validation, test and predict, and removed after each."""
         if self.router is not None and not self.router.active:
-            self.router.apply(pl_module)
+            self.router.apply(self.network(pl_module))
 
-    def _remove_router(self, *_: Any) -> None:
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_router()
+
+    on_test_start = on_predict_start = on_validation_start
+    on_test_end = on_predict_end = on_validation_end
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_router()
+
+    def _remove_router(self) -> None:
         if self.router is not None:
             self.router.remove()
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._apply_router(pl_module)
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._apply_router(pl_module)
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._remove_router()
-
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._apply_router(pl_module)
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._remove_router()
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._remove_router()
-
-    # ------------------------------------------------------------------------------------------- state
+    # -------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Tensors, floats and strings only (checkpoints load with ``weights_only=True``)."""
         if self.result is None:
@@ -277,10 +220,8 @@ class VirtualNeurons(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
-        self.result = P.VirtualNeurons.from_state_dict(state_dict["virtual_neurons"])
+        self.result = VirtualNeuronSet.from_state_dict(state_dict["virtual_neurons"])
         self.scores = dict(state_dict.get("scores", {}))
         if "router" in state_dict:
             self._remove_router()
-            self.router = P.VirtualNeuronRouter.from_state_dict(state_dict["router"])
-        if self.fit_at == "validation_end":
-            rank_zero_warn("VirtualNeurons: loaded a fitted state; fit_at='validation_end' will refit on validate")
+            self.router = VirtualNeuronRouter.from_state_dict(state_dict["router"])

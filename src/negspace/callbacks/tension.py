@@ -3,48 +3,51 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import lightning as L
-import torch
-from torch import nn
+from lightning.pytorch import LightningModule, Trainer
 
-from negspace.callbacks.base import output_dir
-from negspace.explain.tension import (
-    InsertionResult,
-    PatchResult,
-    TensionResult,
-    activating_patches,
-    collect_images,
-    insertion_test,
-    select_images,
-    select_mti,
-    tension_stats,
-)
-from negspace.hooks import get_layer
-from negspace.objectives import neuron
+from negspace.batch import collect_images, images_of
+from negspace.callbacks.base import AnalysisCallback, log_scalars, progress_enabled
+from negspace.explain.tension import check_channels, tension_report
+from negspace.hooks import get_layer, model_device
 
 __all__ = ["TensionReport"]
 
 
-class TensionReport(L.Callback):
-    """At the end of validation (every ``every_n_epochs`` epochs), for ``channels`` of ``layer``:
+def _image_key_form(batch_keys: Any) -> Any:
+    """The 0.1 form ``batch_keys="x"`` / ``batch_keys=1`` (the image's key or index) → ``{"image": key}``."""
+    if isinstance(batch_keys, str | int) and not isinstance(batch_keys, bool):
+        warnings.warn(
+            f"TensionReport(batch_keys={batch_keys!r}) as an image key is deprecated; use "
+            f"batch_keys={{'image': {batch_keys!r}}}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return None if batch_keys == 0 else {"image": batch_keys}
+    return batch_keys
+
+
+class TensionReport(AnalysisCallback):
+    """At the end of validation (every ``every_n_epochs`` epochs; ``None``: once, at the end of fit), for
+    ``channels`` of ``layer`` — :func:`negspace.explain.tension.tension_report` on at most ``max_images``
+    validation images of loader ``dataloader_idx``:
 
     * E± statistics of each channel as a feature ``f_v = neuron(layer, c, reduce)`` attributed to
       ``attribution_layer`` (``None``: pixels) — logged as ``tension/<layer>/<c>/<stat>``;
     * most/least activating patches of every channel of ``layer`` (sliding window) and the patch-insertion test
-      on the chosen channels — logged as ``tension/<layer>/<c>/{none,random,least,most,p_least}`` and
-      ``tension/<layer>/fraction_inhibited``; the table is also written as JSON;
-    * one PNG per channel (MEIs, MIIs, MTIs with their φ⁺/φ⁻ maps, least/most activating patches) in the
-      logger's ``log_dir`` (``figures=False`` to skip).
+      on the chosen channels — logged as ``tension/<layer>/<c>/{none,random,least,most,p_least,inhibited}`` and
+      ``tension/<layer>/fraction_inhibited``; the table is also written as ``insertion_epoch<E>.json``;
+    * one figure per channel (MEIs, MIIs, MTIs with their φ⁺/φ⁻ maps, least/most activating patches), sent to
+      the loggers and saved as PNG (``figures=False`` to skip).
 
-    Uses at most ``max_images`` validation images of loader ``dataloader_idx``. ``forward``: dotted name of the
-    submodule of the LightningModule that is the network (layers are named relative to it; default: the module
-    itself). ``batch_keys``: key/index of the image in a batch (default ``"image"`` for dicts, 0 for tuples).
-    ``callback.result`` holds ``{"stats", "tension", "insertion", "patches", "selections", "figures"}``.
-    Runs on every rank with that rank's data; metrics are logged with ``rank_zero_only``.
+    Files go to ``<save_dir or log_dir>/tension/`` (nothing is written without either). ``forward``: dotted name
+    of the submodule that is the network (layers are named relative to it); ``batch_keys``: the batch layout
+    (:mod:`negspace.batch`). ``callback.result`` holds ``{"stats", "tension", "insertion", "patches",
+    "selections", "figures"}`` (figure paths). Runs on every rank with that rank's data; metrics are logged
+    from rank 0.
     """
 
     def __init__(
@@ -54,7 +57,7 @@ class TensionReport(L.Callback):
         *,
         attribution_layer: str | None = None,
         reduce: str = "mean",
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = 1,
         patch_size: int | Sequence[int] = 8,
         stride: int | Sequence[int] | None = None,
         k: int = 8,
@@ -63,147 +66,80 @@ class TensionReport(L.Callback):
         n_show: int = 4,
         alpha: float = 0.01,
         forward: str | None = None,
-        batch_keys: str | int | None = None,
+        batch_keys: Any = None,
         dataloader_idx: int = 0,
+        save_dir: str | None = None,
         figures: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(every_n_epochs=every_n_epochs, batch_keys=_image_key_form(batch_keys), forward=forward,
+                         dataloader_idx=dataloader_idx, save_dir=save_dir)  # fmt: skip
         if not isinstance(layer, str):
             raise TypeError(f"layer must be a dotted name, got {layer!r}")
-        chans = [channels] if isinstance(channels, int) else list(channels)
-        if not chans or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in chans):
-            raise ValueError(f"channels must be a non-empty list of non-negative ints, got {channels!r}")
-        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
-        self.layer, self.channels, self.attribution_layer = layer, chans, attribution_layer
-        self.reduce, self.every_n_epochs = reduce, every_n_epochs
-        self.patch_size, self.stride, self.k, self.n_images = patch_size, stride, k, n_images
+        self.layer, self.channels, self.attribution_layer = layer, check_channels(channels), attribution_layer
+        self.reduce, self.patch_size, self.stride, self.k, self.n_images = reduce, patch_size, stride, k, n_images
         self.max_images, self.n_show, self.alpha = max_images, n_show, alpha
-        self.forward, self.batch_keys, self.dataloader_idx = forward, batch_keys, dataloader_idx
         self.figures, self.seed = figures, seed
         self.result: dict[str, Any] | None = None
         self.epochs_run = 0
         self._summary: dict[str, float] = {}
+        self._batch_checked = False
 
-    # ------------------------------------------------------------------------------------------ lightning
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        loaders = trainer.val_dataloaders
-        loader = loaders[self.dataloader_idx] if isinstance(loaders, list | tuple) else loaders
-        if loader is None:
-            return
-        net = pl_module if self.forward is None else get_layer(pl_module, self.forward)
-        key = 0 if self.batch_keys is None else self.batch_keys
-        # validation hooks run under inference_mode; attributions need autograd and normal tensors
-        with torch.inference_mode(False), torch.enable_grad():
-            x = collect_images(loader, max_images=self.max_images, batch_key=key).clone().to(pl_module.device)
-            result = self.analyse(net, x)
-        self.result = result
+    # ------------------------------------------------------------------------------------ fail early
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        net = self.network(pl_module)
+        for name in (self.layer, self.attribution_layer):
+            if name is not None:
+                get_layer(net, name)
+
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not self._batch_checked and dataloader_idx == self.dataloader_idx:
+            images_of(batch, self.batch_keys, who="TensionReport")
+            self._batch_checked = True
+
+    # ---------------------------------------------------------------------------------------- run
+    def run(self, trainer: Trainer, pl_module: LightningModule, loader: Any) -> None:
+        net = self.network(pl_module)
+        x = collect_images(loader, self.batch_keys, max_images=self.max_images, who="TensionReport")
+        x = x.clone().to(model_device(net))
+        result = tension_report(
+            net, self.layer, self.channels, x, attribution_layer=self.attribution_layer, reduce=self.reduce,
+            patch_size=self.patch_size, stride=self.stride, k=self.k, n_images=self.n_images, n_show=self.n_show,
+            alpha=self.alpha, seed=self.seed, progress=progress_enabled(trainer),
+        )  # fmt: skip
+        epoch = trainer.current_epoch
+        self.result, result["figures"] = result, []
         self.epochs_run += 1
-        self._summary = {}
-        for c, stats in result["stats"].items():
-            for name, v in stats.items():
-                self._summary[f"tension/{self.layer}/{c}/{name}"] = float(v)
+        self._summary = {
+            f"tension/{self.layer}/{c}/{name}": float(v) for c, stats in result["stats"].items() for name, v in stats.items()
+        }
         self._summary[f"tension/{self.layer}/fraction_inhibited"] = float(result["insertion"].fraction_inhibited)
-        for name, v in self._summary.items():
-            pl_module.log(name, v, rank_zero_only=True)
-        if self.figures and trainer.is_global_zero:
-            out = output_dir(trainer, "tension")
-            result["figures"] = self._save(out, x, result, trainer.current_epoch)
+        # AnalysisCallback.log is shadowed: Lightning assigns callback.log = pl_module.log on every callback
+        log_scalars(trainer, pl_module, self._summary)
+        if not trainer.is_global_zero:
+            return
+        out = self.files_dir(trainer, "tension")
+        if out is not None:
+            ins = result["insertion"]
+            out.mkdir(parents=True, exist_ok=True)
+            table = {"table": ins.table, "per_channel": ins.per_channel, "fraction_inhibited": ins.fraction_inhibited}
+            (out / f"insertion_epoch{epoch}.json").write_text(json.dumps(table, indent=1))
+        if self.figures:
+            from negspace.plots import tension_channel_figure
 
-    # --------------------------------------------------------------------------------------- functional
-    def analyse(self, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
-        """Run the whole analysis on ``x: (N, C, H, W)`` (no Lightning needed)."""
-        stats: dict[int, dict[str, float]] = {}
-        tens: dict[int, TensionResult] = {}
-        selections: dict[int, dict[str, list[int]]] = {}
-        for c in self.channels:
-            t = tension_stats(model, self.attribution_layer, x, neuron(self.layer, c, self.reduce))
-            tens[c] = t
-            stats[c] = t.stats()
-            selections[c] = {
-                "mei": select_images(t.f, self.n_show).tolist(),
-                "mii": select_images(t.f, self.n_show, largest=False).tolist(),
-                "mti": select_mti(t, self.n_show).tolist(),
-            }
-        patches: PatchResult = activating_patches(
-            model, self.layer, x, patch_size=self.patch_size, stride=self.stride, k=self.k, reduce=self.reduce,
-            progress=False,
-        )  # fmt: skip
-        ins: InsertionResult = insertion_test(
-            model, self.layer, x, patches, channels=self.channels, n_images=self.n_images, alpha=self.alpha,
-            reduce=self.reduce, seed=self.seed, progress=False,
-        )  # fmt: skip
-        for row in ins.per_channel:
-            c = row["channel"]
-            stats[c].update({m: row[m] for m in ("none", "random", "least", "most", "p_least")})
-            stats[c]["inhibited"] = float(row["inhibited"])
-        return {"stats": stats, "tension": tens, "insertion": ins, "patches": patches,
-                "selections": selections, "figures": []}  # fmt: skip
+            for c in self.channels:
+                fig = tension_channel_figure(x, result["tension"][c], result["selections"][c], result["patches"], c,
+                                             n_show=self.n_show, title=f"{self.layer}:{c} epoch {epoch}")  # fmt: skip
+                path = self.figure(trainer, f"tension/{self.layer}_{c}_epoch{epoch}", fig, "tension")
+                if path is not None:
+                    result["figures"].append(str(path))
 
-    def _save(self, out: Path, x: torch.Tensor, result: dict[str, Any], epoch: int) -> list[str]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        out.mkdir(parents=True, exist_ok=True)
-        ins: InsertionResult = result["insertion"]
-        table = {"table": ins.table, "per_channel": ins.per_channel, "fraction_inhibited": ins.fraction_inhibited}
-        (out / f"insertion_epoch{epoch}.json").write_text(json.dumps(table, indent=1))
-        paths = []
-        patches: PatchResult = result["patches"]
-        for c in self.channels:
-            t: TensionResult = result["tension"][c]
-            sel = result["selections"][c]
-            rows = [(name, sel[name]) for name in ("mei", "mii", "mti") if sel[name]]
-            n_col = max(self.n_show, self.k)
-            fig, axes = plt.subplots(len(rows) * 2 + 2, n_col, figsize=(1.3 * n_col, 1.3 * (len(rows) * 2 + 2)), squeeze=False)
-            for ax in axes.flat:
-                ax.axis("off")
-            for r, (name, idx) in enumerate(rows):
-                for j, i in enumerate(idx[:n_col]):
-                    axes[2 * r, j].imshow(_to_rgb(x[i]))
-                    axes[2 * r, j].set_title(f"{name} f={float(t.f[i]):.2g}", fontsize=6)
-                    if t.phi_plus is not None:
-                        axes[2 * r + 1, j].imshow(_phi_rgb(t.phi_plus[i], t.phi_minus[i]))
-                        axes[2 * r + 1, j].set_title("φ+ red / φ- blue", fontsize=6)
-            base = len(rows) * 2
-            for j in range(min(self.k, n_col)):
-                axes[base, j].imshow(_to_rgb(patches.least[c, j]))
-                axes[base, j].set_title(f"least {float(patches.least_values[c, j]):.2g}", fontsize=6)
-                axes[base + 1, j].imshow(_to_rgb(patches.most[c, j]))
-                axes[base + 1, j].set_title(f"most {float(patches.most_values[c, j]):.2g}", fontsize=6)
-            fig.suptitle(f"{self.layer}:{c} epoch {epoch}", fontsize=8)
-            fig.tight_layout()
-            p = out / f"{self.layer}_{c}_epoch{epoch}.png"
-            fig.savefig(p, dpi=80)
-            plt.close(fig)
-            paths.append(str(p))
-        return paths
-
-    # ------------------------------------------------------------------------------------------- state
+    # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         return {"epochs_run": self.epochs_run, "summary": dict(self._summary)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epochs_run = int(state_dict.get("epochs_run", 0))
         self._summary = {str(k): float(v) for k, v in state_dict.get("summary", {}).items()}
-
-
-def _to_rgb(img: torch.Tensor) -> Any:
-    """``(C, H, W)`` → an array matplotlib shows: RGB for 3 channels, side-by-side channels otherwise."""
-    a = img.detach().float().cpu()
-    if a.shape[0] == 3:
-        return a.clamp(0, 1).permute(1, 2, 0).numpy()
-    return torch.cat(list(a), dim=0).numpy()  # stack channels vertically (e.g. two motion frames)
-
-
-def _phi_rgb(pp: torch.Tensor, pm: torch.Tensor) -> Any:
-    """φ⁺ in red, φ⁻ in blue, both → green-ish overlap (paper 001, Fig. 4 g), normalised jointly."""
-    scale = float(torch.maximum(pp.max(), pm.max())) or 1.0
-    p, m = (pp / scale).cpu(), (pm / scale).cpu()
-    both = torch.minimum(p, m)
-    return torch.stack([p - both, both, m - both], -1).clamp(0, 1).numpy()

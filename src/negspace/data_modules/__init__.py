@@ -18,6 +18,11 @@ _LAZY: dict[str, str] = {
     "CSVImageDataset": "folder",
     "DictTensorDataset": "folder",
     "ImageDataModule": "folder",
+    "IMAGENET_MEAN": "normalize",
+    "IMAGENET_STD": "normalize",
+    "denormalize": "normalize",
+    "model_normalization": "normalize",
+    "resolve_normalize": "normalize",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _LAZY)

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from negspace.data_modules.normalize import NormalizeMixin, NormalizeSpec
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "CSVImageDataset",
@@ -329,7 +331,7 @@ def _check_loader_args(batch_size: int, num_workers: int) -> None:
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(NormalizeMixin, L.LightningDataModule):
     """Plain data module over item-dict datasets (e.g. real images with real masks).
 
     Args:
@@ -338,6 +340,8 @@ class ImageDataModule(L.LightningDataModule):
             names in ``split_names``), or None.
         test: like ``val``; None → the validation loaders are reused for ``test_dataloader()``.
         augment: apply ``transforms`` (default: paper 000's flip + colour jitter) to training items.
+        normalize: ``None``, ``"imagenet"`` or ``(mean, std)``, applied last by the loaders (after augmentation;
+            masks stay in [0, 1]); see :class:`~negspace.data_modules.SpuriousPatchDataModule`.
     """
 
     def __init__(
@@ -350,9 +354,11 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         augment: bool = True,
         transforms: Any = None,
+        normalize: NormalizeSpec = None,
     ) -> None:
         super().__init__()
         _check_loader_args(batch_size, num_workers)
+        self.normalize = normalize
         if len(train) == 0:  # type: ignore[arg-type]
             raise ValueError("empty split: the training dataset has no samples")
         self.train, self.batch_size, self.num_workers = train, batch_size, num_workers
@@ -370,10 +376,10 @@ class ImageDataModule(L.LightningDataModule):
             from negspace.data_modules.transforms import paper_train_transforms
 
             ds = _Augmented(ds, self.transforms if self.transforms is not None else paper_train_transforms())
-        return _loader(ds, self.batch_size, self.num_workers, True)
+        return _loader(self._normalized(ds), self.batch_size, self.num_workers, True)
 
     def _loaders(self, splits: dict[str, Dataset]) -> DataLoader | list[DataLoader]:
-        loaders = [_loader(d, self.batch_size, self.num_workers, False) for d in splits.values()]
+        loaders = [_loader(self._normalized(d), self.batch_size, self.num_workers, False) for d in splits.values()]
         return loaders[0] if len(loaders) == 1 else loaders
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from negspace.data_modules.folder import DictTensorDataset
+from negspace.data_modules.normalize import NormalizeSpec
 from negspace.data_modules.spurious import SpuriousPatchDataModule
 
 __all__ = ["SyntheticLesionDataModule", "lesion_images"]
@@ -125,7 +126,7 @@ class SyntheticLesionDataModule(SpuriousPatchDataModule):
             re-run training on the same data.
         **kw: every other :class:`SpuriousPatchDataModule` argument (``spurious_class=0``, ``patch="colorful"``,
             ``patch_size=0.2``, ``patch_position="border"``, ``bias_ratio=1.0``, ``batch_size``, ``seed``,
-            ``augment``, ``transforms``, ``dilation``, ``num_workers``).
+            ``augment``, ``transforms``, ``dilation``, ``num_workers``, ``normalize``).
     """
 
     class_names = ("benign", "malignant")
@@ -150,6 +151,7 @@ class SyntheticLesionDataModule(SpuriousPatchDataModule):
         transforms: Any = None,
         augment: bool = True,
         dilation: int | None = None,
+        normalize: NormalizeSpec = None,
     ) -> None:
         for name, v, lo in (("n_train", n_train, 2), ("n_val", n_val, 2), ("n_test", n_test, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -176,4 +178,5 @@ class SyntheticLesionDataModule(SpuriousPatchDataModule):
             augment=augment,
             dilation=dilation,
             num_classes=2,
+            normalize=normalize,
         )

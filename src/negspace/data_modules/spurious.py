@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from negspace.data_modules.folder import _check_loader_args, _loader
+from negspace.data_modules.normalize import NormalizeMixin, NormalizeSpec
 from negspace.data_modules.patches import (
     PATCH_STYLES,
     POSITIONS,
@@ -192,7 +193,7 @@ def _split_indices(
     return [np.sort(rest), *parts]
 
 
-class SpuriousPatchDataModule(L.LightningDataModule):
+class SpuriousPatchDataModule(NormalizeMixin, L.LightningDataModule):
     """Biased training data and ``train_bias`` / ``inverse_bias`` / ``no_bias`` evaluation splits.
 
     Args:
@@ -215,6 +216,10 @@ class SpuriousPatchDataModule(L.LightningDataModule):
         augment: augment training items (evaluation items are never augmented).
         dilation: mask dilation in pixels; ``None`` → ``round(10 · H / 224)`` (paper: 10 px at 224 px).
         num_classes: default ``len(dataset.classes)`` if present, else ``max(label) + 1`` (at least 2).
+        normalize: ``None`` (images in [0, 1]), ``"imagenet"`` or ``(mean, std)`` (numbers or one per channel):
+            ``(image − mean) / std``, applied last, by the loaders, after patches are drawn, masks computed and
+            augmentations applied (patches and masks live in [0, 1] pixel space; masks are never normalised).
+            The ``negspace`` CLI fills it from a timm/torchvision model's own statistics when left ``None``.
     """
 
     split_names: tuple[str, ...] = SPLITS
@@ -239,8 +244,10 @@ class SpuriousPatchDataModule(L.LightningDataModule):
         augment: bool = True,
         dilation: int | None = None,
         num_classes: int | None = None,
+        normalize: NormalizeSpec = None,
     ) -> None:
         super().__init__()
+        self.normalize = normalize  # validated now
         if isinstance(spurious_class, bool) or not isinstance(spurious_class, int) or spurious_class < 0:
             raise ValueError(f"spurious_class must be an int >= 0 (a class index), got {spurious_class!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -400,14 +407,14 @@ class SpuriousPatchDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
         self._build()
-        return _loader(self.train_set, self.batch_size, self.num_workers, True)  # type: ignore[arg-type]
+        return _loader(self._normalized(self.train_set), self.batch_size, self.num_workers, True)
 
     def val_dataloader(self) -> list[DataLoader]:
         """``[train_bias, inverse_bias, no_bias]`` loaders (not shuffled)."""
         self._build()
-        return [_loader(d, self.batch_size, self.num_workers, False) for d in self.val_sets]
+        return [_loader(self._normalized(d), self.batch_size, self.num_workers, False) for d in self.val_sets]
 
     def test_dataloader(self) -> list[DataLoader]:
         """Same three splits on the test data (``test_dataset``/``test_fraction``; else the validation data)."""
         self._build()
-        return [_loader(d, self.batch_size, self.num_workers, False) for d in self.test_sets]
+        return [_loader(self._normalized(d), self.batch_size, self.num_workers, False) for d in self.test_sets]

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from negspace.data_modules.folder import DictTensorDataset, _check_loader_args, _loader
+from negspace.data_modules.normalize import NormalizeMixin, NormalizeSpec
 
 __all__ = ["GreenPixelDataModule", "MotionDataModule", "green_pixel_images", "motion_sequences"]
 
@@ -111,12 +112,16 @@ def motion_sequences(
     return x, labels, masks
 
 
-class _TensorSplitsDataModule(L.LightningDataModule, abc.ABC):
+class _TensorSplitsDataModule(NormalizeMixin, L.LightningDataModule, abc.ABC):
     """Train/val/test :class:`DictTensorDataset` splits of ``n_train``/``n_val``/``n_test`` samples;
-    ``val``/``test`` loaders are single loaders. Subclasses implement :meth:`_make`."""
+    ``val``/``test`` loaders are single loaders. Subclasses implement :meth:`_make`. ``normalize``: see
+    :class:`~negspace.data_modules.SpuriousPatchDataModule` (applied last, by the loaders)."""
 
-    def __init__(self, batch_size: int, num_workers: int, n_train: int, n_val: int, n_test: int) -> None:
+    def __init__(
+        self, batch_size: int, num_workers: int, n_train: int, n_val: int, n_test: int, normalize: NormalizeSpec = None
+    ) -> None:
         super().__init__()
+        self.normalize = normalize
         _check_loader_args(batch_size, num_workers)
         for name, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
             _check_n(name, v, 1)
@@ -138,13 +143,13 @@ class _TensorSplitsDataModule(L.LightningDataModule, abc.ABC):
             self._get(split)
 
     def train_dataloader(self) -> DataLoader:
-        return _loader(self._get("train"), self.batch_size, self.num_workers, True)
+        return _loader(self._normalized(self._get("train")), self.batch_size, self.num_workers, True)
 
     def val_dataloader(self) -> DataLoader:
-        return _loader(self._get("val"), self.batch_size, self.num_workers, False)
+        return _loader(self._normalized(self._get("val")), self.batch_size, self.num_workers, False)
 
     def test_dataloader(self) -> DataLoader:
-        return _loader(self._get("test"), self.batch_size, self.num_workers, False)
+        return _loader(self._normalized(self._get("test")), self.batch_size, self.num_workers, False)
 
 
 class GreenPixelDataModule(_TensorSplitsDataModule):
@@ -165,8 +170,9 @@ class GreenPixelDataModule(_TensorSplitsDataModule):
         batch_size: int = 256,
         num_workers: int = 0,
         seed: int = 0,
+        normalize: NormalizeSpec = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, n_train, n_val, n_test)
+        super().__init__(batch_size, num_workers, n_train, n_val, n_test, normalize)
         _check_n("image_size", image_size, 4)
         self.image_size, self.seed = image_size, seed
 
@@ -195,8 +201,9 @@ class MotionDataModule(_TensorSplitsDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        normalize: NormalizeSpec = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, n_train, n_val, n_test)
+        super().__init__(batch_size, num_workers, n_train, n_val, n_test, normalize)
         self.width, self.height, self.max_objects, self.seed = width, height, max_objects, seed
         motion_sequences(2, width, height, 0, max_objects)  # validates width/height now
 

@@ -69,6 +69,7 @@ class ChannelEdit(PersistentEdit):
         self.mode = mode
         self.value = value
         self.channels = {str(k): _as_index(str(k), v) for k, v in edits.items()}
+        self._index = {k: v.tolist() for k, v in self.channels.items()}  # sorted Python ints, read in forward
         self.layers = list(self.channels)
 
     @staticmethod
@@ -99,24 +100,26 @@ class ChannelEdit(PersistentEdit):
             return t.view(shape)
         return float(v)
 
+    def replaced(self, name: str, c: int) -> list[bool]:
+        """Which of the ``c`` channels of layer ``name`` this edit replaces (plain Python: no tensor data is read,
+        so ``torch.export`` sees no data-dependent guard). Raises ``ValueError`` for a channel ``>= c``."""
+        idx = self._index[name]
+        if idx and idx[-1] >= c:
+            raise ValueError(f"channel {idx[-1]} out of range for layer {name!r} with {c} channels")
+        chosen = set(idx)
+        return [(i in chosen) != (self.mode == "preserve") for i in range(c)]
+
     def edit(self, name: str, output: Tensor, inputs: tuple = ()) -> Tensor:
         dim = channel_dim(output)
-        c = output.shape[dim]
-        idx = self.channels[name]
-        if idx.numel() and int(idx.max()) >= c:
-            raise ValueError(f"channel {int(idx.max())} out of range for layer {name!r} with {c} channels")
-        replace = torch.zeros(c, dtype=torch.bool)
-        replace[idx] = True
-        if self.mode == "preserve":
-            replace = ~replace
-        if not bool(replace.any()):  # nothing to change: return the output untouched (bit-identical)
+        replace = self.replaced(name, output.shape[dim])
+        if not any(replace):  # nothing to change: return the output untouched (bit-identical)
             return output
         shape = [1] * output.dim()
-        shape[dim] = c
-        replace = replace.to(output.device).view(shape)
+        shape[dim] = len(replace)
+        mask = torch.tensor(replace, dtype=torch.bool, device=output.device).view(shape)
         fill = self._fill(name, output, dim)
         fill_t = torch.as_tensor(fill, dtype=output.dtype, device=output.device) if isinstance(fill, float) else fill
-        return torch.where(replace, fill_t, output)
+        return torch.where(mask, fill_t, output)
 
     def state_dict(self) -> dict:
         """Tensors and primitives only (loads with ``torch.load(weights_only=True)``)."""
@@ -128,11 +131,11 @@ class ChannelEdit(PersistentEdit):
     def load_state_dict(self, state: Mapping) -> None:
         if not isinstance(state, Mapping) or not {"edits", "mode", "value"} <= set(state):
             raise ValueError(f"not a ChannelEdit state: expected keys edits, mode, value; got {sorted(state)}")
-        was_active = self.active
-        if was_active:
+        if self.active:
             raise RuntimeError("remove() the edit before loading another state into it")
         fresh = ChannelEdit(state["edits"], mode=state["mode"], value=state["value"])
-        self.mode, self.value, self.channels, self.layers = fresh.mode, fresh.value, fresh.channels, fresh.layers
+        self.mode, self.value, self.layers = fresh.mode, fresh.value, fresh.layers
+        self.channels, self._index = fresh.channels, fresh._index
 
     @classmethod
     def from_state_dict(cls, state: Mapping) -> ChannelEdit:

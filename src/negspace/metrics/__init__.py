@@ -1,4 +1,4 @@
-"""torchmetrics metrics (DDP-synced).
+"""torchmetrics metrics (DDP-synced) and the biased-split report core (tables, per-split aggregation).
 
 Public names are imported lazily (``from negspace.metrics import X`` loads only X's module), so importing
 one capability never pulls in the dependencies of another.
@@ -12,6 +12,13 @@ from negspace._lazy import attach
 _LAZY: dict[str, str] = {
     "GroupAccuracy": "group",
     "AttributionInMask": "group",
+    "DEFAULT_SPLITS": "group",
+    "SplitReport": "report",
+    "figure_samples": "report",
+    "flatten_result": "report",
+    "format_table": "report",
+    "target_and_other_attributions": "report",
+    "unflatten_result": "report",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _LAZY)

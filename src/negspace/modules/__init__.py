@@ -11,6 +11,9 @@ from negspace._lazy import attach
 # public name -> submodule of this package that defines it
 _LAZY: dict[str, str] = {
     "ClassifierModule": "classifier",
+    "find_head": "finetune",
+    "load_weights": "finetune",
+    "warmup_cosine_factor": "finetune",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _LAZY)

@@ -1,8 +1,10 @@
-"""A plain image classifier LightningModule for recipes (callbacks never depend on it)."""
+"""A plain image classifier LightningModule for recipes and fine-tuning (callbacks never depend on it)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -10,31 +12,43 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from negspace.batch import images_of
+from negspace.batch import unpack_batch as _unpack
 from negspace.metrics.group import DEFAULT_SPLITS
+from negspace.modules.finetune import (
+    backbone_modules,
+    find_head,
+    load_weights,
+    split_parameters,
+    warmup_cosine_factor,
+)
 
 __all__ = ["ClassifierModule", "unpack_batch"]
 
 LOSSES = ("ce", "bce")
-OPTIMIZERS = ("adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
 
 
 def unpack_batch(batch: Any, image_key: str = "image", label_key: str = "label") -> tuple[Tensor, Tensor]:
-    """``(image (B, C, H, W), label (B,))`` from a dict batch (``image``/``label`` keys) or a tuple ``(x, y, ...)``."""
-    if isinstance(batch, Mapping):
-        missing = [k for k in (image_key, label_key) if k not in batch]
-        if missing:
-            raise ValueError(f"batch dict is missing keys {missing}; it has {sorted(batch)}")
-        return batch[image_key], batch[label_key]
-    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise TypeError(
-        f"batch must be a dict with {image_key!r}/{label_key!r} keys or a tuple (image, label, ...), "
-        f"got {type(batch).__name__}"
-    )
+    """``(image (B, C, H, W), label (B,))`` from a dict batch or a tuple ``(x, y, ...)`` (:mod:`negspace.batch`)."""
+    keys = None if (image_key, label_key) == ("image", "label") else {"image": image_key, "label": label_key}
+    b = _unpack(batch, keys, require=("image", "label"), who="ClassifierModule")
+    return b.image, b.label  # type: ignore[return-value]
+
+
+def _check_number(name: str, value: Any, lo: float, hi: float | None = None, lo_open: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and (value > lo if lo_open else value >= lo)
+    if ok and hi is not None:
+        ok = value < hi
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'})"
+        raise ValueError(f"{name} must be a number in {rng}, got {value!r}")
 
 
 class ClassifierModule(L.LightningModule):
-    """Image classifier: a timm/torchvision model by name, a negspace X-model, or any ``nn.Module``.
+    """Image classifier for training from scratch and fine-tuning: a timm/torchvision model by name, a negspace
+    X-model, or any ``nn.Module``.
 
     Args:
         model: a name for :func:`negspace.models.zoo.create_model` (``"xsmallcnn"``, ``"xresnet18"``,
@@ -42,19 +56,41 @@ class ClassifierModule(L.LightningModule):
             (in YAML: ``class_path``/``init_args``, e.g. ``negspace.models.xmodels.XSmallCNN`` with ``width``).
         num_classes: number of logits.
         loss: ``"ce"`` (softmax cross-entropy) or ``"bce"``: binary cross-entropy of *every* logit against the
-            one-hot label, ``BCEWithLogits(logits (B, C), one_hot(y))`` (paper 000 B.2/B.4). Either way the
-            model has one logit per class and predictions are ``argmax``, so attribution targets are class
-            indices (target ``y``, non-target ``1 − y``) for both losses.
-        lr, weight_decay: Adam (paper 000 B.4: lr 1e-4, wd 1e-4; B.2: lr 1e-2).
-        pretrained: load timm/torchvision weights (needs network or a local cache).
+            one-hot label (paper 000 B.2/B.4). Predictions are ``argmax`` either way.
+        lr, weight_decay: learning rate of the head (and of everything without a backbone multiplier) and weight
+            decay (Adam: coupled L2, paper 000; AdamW: decoupled; SGD: coupled).
+        pretrained: load timm/torchvision published weights (needs network or a local cache).
         in_chans: input channels.
-        checkpoint: optional ``.safetensors`` state dict for the network (e.g. set weights).
+        checkpoint: deprecated name of ``weights``.
         splits: names of the validation/test dataloaders, by ``dataloader_idx``.
-        optimizer: ``"adam"`` (paper 000; coupled L2 weight decay) or ``"adamw"`` (decoupled weight decay).
+        optimizer: ``"sgd"`` (with ``momentum``), ``"adam"`` or ``"adamw"``. A top-level ``optimizer:`` section
+            of the ``negspace`` CLI replaces it (the parameter groups below are kept).
+        momentum: SGD momentum.
+        backbone_lr_mult: the backbone's learning rate is ``lr · backbone_lr_mult`` (parameter groups
+            ``head`` first, ``backbone`` last); the head is found by :func:`~negspace.modules.finetune.find_head`.
+        freeze_backbone_epochs: train only the head for the first N epochs (backbone ``requires_grad=False``).
+            For Lightning's ``BackboneFinetuning`` callback instead, the module exposes ``backbone``.
+        label_smoothing: in [0, 1): CE's ``label_smoothing``; BCE targets ``(1 − ε)·one_hot + ε / num_classes``.
+        schedule: ``"constant"`` or ``"cosine"`` (to ``min_lr_ratio · lr`` at the last step), stepped per optimizer
+            step, after ``warmup_epochs`` of linear warm-up. A top-level CLI ``lr_scheduler:`` section is used
+            instead when given (then keep ``schedule: constant`` and ``warmup_epochs: 0``).
+        warmup_epochs, min_lr_ratio: see ``schedule``.
+        weights: a local ``.safetensors`` or torch state-dict/Lightning checkpoint file (``weights_only=True``)
+            loaded into the network after construction; a mismatch raises ``ValueError`` listing the missing,
+            unexpected and shape-mismatched keys.
+        weights_head: also load the head from ``weights`` (``False``: keep the freshly initialised head, e.g.
+            when the checkpoint was trained on other classes).
+        pretrained_file: a local file of pretrained weights for a ``timm:`` model, loaded the timm way
+            (``pretrained_cfg_overlay=dict(file=...)``; a head of another size is re-initialised by timm).
+        head: dotted name(s) of the classification head when it is not found automatically.
 
     ``forward(x: (B, C, H, W)) -> (B, num_classes)`` logits. ``training_step`` returns the loss tensor.
     Validation/test log ``{stage}/{split}/acc`` and ``{stage}/{split}/loss`` for every dataloader.
     """
+
+    #: set by the ``negspace`` CLI from its ``optimizer:`` / ``lr_scheduler:`` sections
+    optimizer_factory: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None
+    lr_scheduler_factory: Callable[[torch.optim.Optimizer], Any] | None = None
 
     def __init__(
         self,
@@ -68,47 +104,131 @@ class ClassifierModule(L.LightningModule):
         checkpoint: str | None = None,
         splits: Sequence[str] = DEFAULT_SPLITS,
         optimizer: str = "adam",
+        *,
+        momentum: float = 0.9,
+        backbone_lr_mult: float = 1.0,
+        freeze_backbone_epochs: int = 0,
+        label_smoothing: float = 0.0,
+        schedule: str = "constant",
+        warmup_epochs: float = 0.0,
+        min_lr_ratio: float = 0.0,
+        weights: str | None = None,
+        weights_head: bool = True,
+        pretrained_file: str | None = None,
+        head: str | list[str] | None = None,
     ) -> None:
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        for name, value, allowed in (("loss", loss, LOSSES), ("optimizer", optimizer, OPTIMIZERS),
+                                     ("schedule", schedule, SCHEDULES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        _check_number("lr", lr, 0.0, lo_open=True)
+        _check_number("weight_decay", weight_decay, 0.0)
+        _check_number("momentum", momentum, 0.0)
+        _check_number("backbone_lr_mult", backbone_lr_mult, 0.0)
+        _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
+        _check_number("warmup_epochs", warmup_epochs, 0.0)
+        _check_number("min_lr_ratio", min_lr_ratio, 0.0, 1.0 + 1e-12)
+        if isinstance(freeze_backbone_epochs, bool) or not isinstance(freeze_backbone_epochs, int) or freeze_backbone_epochs < 0:
+            raise ValueError(f"freeze_backbone_epochs must be an int >= 0, got {freeze_backbone_epochs!r}")
+        if checkpoint is not None:
+            warnings.warn("ClassifierModule(checkpoint=...) is deprecated; use weights=...", DeprecationWarning,
+                          stacklevel=2)
+            if weights is not None and weights != checkpoint:
+                raise ValueError(f"pass either weights or the deprecated checkpoint, got {weights!r} and {checkpoint!r}")
+            weights = checkpoint
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
-        if isinstance(model, nn.Module):
-            self.model = model
-            if checkpoint is not None:
-                from safetensors.torch import load_file
-
-                self.model.load_state_dict(load_file(checkpoint))
-        elif isinstance(model, str):
-            from negspace.models.zoo import create_model
-
-            self.model = create_model(
-                model, num_classes, pretrained=pretrained, in_chans=in_chans, checkpoint=checkpoint
+        self.model = self._build(model, num_classes, pretrained, in_chans, pretrained_file)
+        self.head_names = find_head(self.model, head)
+        if weights is not None:
+            load_weights(self.model, weights, skip=() if weights_head else self.head_names)
+            if not weights_head and not self.head_names:
+                raise ValueError("weights_head=False needs a classification head; pass head='<dotted name>'")
+        if (backbone_lr_mult != 1.0 or freeze_backbone_epochs) and not self.head_names:
+            raise ValueError(
+                f"backbone_lr_mult/freeze_backbone_epochs need the classification head of {type(self.model).__name__}, "
+                f"which was not found (tried get_classifier() and {['fc', 'classifier', 'head', 'heads']}); pass head="
             )
-        else:
-            raise TypeError(f"model must be a model name (str) or an nn.Module, got {type(model).__name__}")
-        self.num_classes = num_classes
-        self.loss_name = loss
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.splits = tuple(splits)
-        self.optimizer_name = optimizer
+        self.num_classes, self.loss_name, self.lr, self.weight_decay = num_classes, loss, lr, weight_decay
+        self.splits, self.optimizer_name, self.momentum = tuple(splits), optimizer, momentum
+        self.backbone_lr_mult, self.freeze_backbone_epochs = float(backbone_lr_mult), freeze_backbone_epochs
+        self.label_smoothing, self.schedule = float(label_smoothing), schedule
+        self.warmup_epochs, self.min_lr_ratio = float(warmup_epochs), float(min_lr_ratio)
+        self._freezable: list[nn.Parameter] = []
 
+    @staticmethod
+    def _build(model: Any, num_classes: int, pretrained: bool, in_chans: int, pretrained_file: str | None) -> nn.Module:
+        if isinstance(model, nn.Module):
+            if pretrained_file is not None:
+                raise ValueError("pretrained_file needs a model name 'timm:<name>', got an nn.Module")
+            return model
+        if not isinstance(model, str):
+            raise TypeError(f"model must be a model name (str) or an nn.Module, got {type(model).__name__}")
+        if pretrained_file is not None:
+            if not model.startswith("timm:"):
+                raise ValueError(f"pretrained_file is loaded through timm; model must be 'timm:<name>', got {model!r}")
+            if not Path(pretrained_file).is_file():
+                raise ValueError(f"pretrained_file not found: {pretrained_file!r}")
+            import timm
+
+            return timm.create_model(model[5:], pretrained=True, num_classes=num_classes, in_chans=in_chans,
+                                     pretrained_cfg_overlay={"file": str(pretrained_file)})
+        from negspace.models.zoo import create_model
+
+        return create_model(model, num_classes, pretrained=pretrained, in_chans=in_chans)
+
+    # ------------------------------------------------------------------ fine-tuning structure
+    @property
+    def backbone(self) -> nn.ModuleList:
+        """Everything but the head, as a flat list of modules sharing the network's parameters (what Lightning's
+        ``BackboneFinetuning`` freezes and unfreezes)."""
+        if not self.head_names:
+            raise ValueError(f"no classification head found on {type(self.model).__name__}; pass head='<dotted name>'")
+        return backbone_modules(self.model, self.head_names)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters as groups ``[{"name": "head"}, {"name": "backbone", "lr_mult": m}]`` (or one
+        ``"all"`` group without a head); empty groups are left out."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if not self.head_names:
+            return [{"name": "all", "params": trainable, "lr_mult": 1.0}] if trainable else []
+        head, backbone = split_parameters(self.model, self.head_names)
+        ids = {id(p) for p in trainable}
+        model_ids = {id(p) for p in self.model.parameters()}
+        extra = [p for p in trainable if id(p) not in model_ids]  # parameters outside the network
+        groups = [
+            {"name": "head", "params": [p for p in head if id(p) in ids] + extra, "lr_mult": 1.0},
+            {"name": "backbone", "params": [p for p in backbone if id(p) in ids], "lr_mult": self.backbone_lr_mult},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def on_fit_start(self) -> None:
+        if self.freeze_backbone_epochs:
+            from lightning.pytorch.callbacks import BaseFinetuning
+
+            if any(isinstance(cb, BaseFinetuning) for cb in self.trainer.callbacks):  # type: ignore[union-attr]
+                raise ValueError("use either freeze_backbone_epochs or a BaseFinetuning callback, not both")
+            self._freezable = [p for p in split_parameters(self.model, self.head_names)[1] if p.requires_grad]
+
+    def on_train_epoch_start(self) -> None:
+        if self.freeze_backbone_epochs:
+            frozen = self.current_epoch < self.freeze_backbone_epochs
+            for p in self._freezable:
+                p.requires_grad_(not frozen)
+
+    # ------------------------------------------------------------------ steps
     def forward(self, x: Tensor) -> Tensor:
         """``x: (B, C, H, W)`` → logits ``(B, num_classes)``."""
         return self.model(x)
 
     def compute_loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        """Mean CE, or mean BCE of every logit against ``one_hot(y)``."""
+        """Mean CE, or mean BCE of every logit against ``one_hot(y)`` (both with ``label_smoothing``)."""
         if self.loss_name == "ce":
-            return F.cross_entropy(logits, y)
-        return F.binary_cross_entropy_with_logits(logits, F.one_hot(y, self.num_classes).to(logits.dtype))
+            return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        target = F.one_hot(y, self.num_classes).to(logits.dtype)
+        if self.label_smoothing:
+            target = target * (1.0 - self.label_smoothing) + self.label_smoothing / self.num_classes
+        return F.binary_cross_entropy_with_logits(logits, target)
 
     def _split_name(self, dataloader_idx: int) -> str:
         return self.splits[dataloader_idx] if dataloader_idx < len(self.splits) else f"split_{dataloader_idx}"
@@ -140,12 +260,50 @@ class ClassifierModule(L.LightningModule):
         return self._eval_step("test", batch, dataloader_idx)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        x = unpack_batch(batch)[0] if isinstance(batch, Mapping | Sequence) else batch
-        return self(x)
+        return self(images_of(batch, who="ClassifierModule.predict_step"))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer | None:
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
+    # ------------------------------------------------------------------ optimisation
+    def _optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        if self.optimizer_factory is not None:
+            opt = self.optimizer_factory(groups)
+        elif self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        else:
+            cls = torch.optim.AdamW if self.optimizer_name == "adamw" else torch.optim.Adam
+            opt = cls(groups, lr=self.lr, weight_decay=self.weight_decay)
+        for g in opt.param_groups:  # one lr per group: base lr (the optimizer's) times the group's multiplier
+            g["lr"] = g["lr"] * g.get("lr_mult", 1.0)
+        return opt
+
+    def _steps(self) -> tuple[int, int]:
+        """``(warm-up steps, total steps)`` from the trainer's estimate of optimizer steps."""
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = self.trainer.max_epochs
+        if self.warmup_epochs and not (epochs and epochs > 0):
+            raise ValueError("warmup_epochs needs trainer.max_epochs > 0 (the number of steps per epoch)")
+        warmup = round(self.warmup_epochs * total / epochs) if self.warmup_epochs else 0
+        return min(warmup, total), total
+
+    def configure_optimizers(self) -> Any:
+        groups = self.param_groups()
+        if not groups:
             return None
-        opt = torch.optim.AdamW if self.optimizer_name == "adamw" else torch.optim.Adam
-        return opt(params, lr=self.lr, weight_decay=self.weight_decay)
+        opt = self._optimizer(groups)
+        own_schedule = self.schedule != "constant" or self.warmup_epochs > 0
+        if self.lr_scheduler_factory is not None:
+            if own_schedule:
+                raise ValueError("an lr_scheduler section replaces schedule/warmup_epochs; set schedule: constant "
+                                 "and warmup_epochs: 0, or drop the lr_scheduler section")
+            sched = self.lr_scheduler_factory(opt)
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                return {"optimizer": opt, "lr_scheduler": {"scheduler": sched,
+                                                           "monitor": getattr(sched, "monitor", "val_loss")}}
+            return [opt], [sched]
+        if not own_schedule:
+            return opt
+        warmup, total = self._steps()
+        cosine, floor = self.schedule == "cosine", self.min_lr_ratio
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine_factor(step, warmup, total, cosine, floor)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -5,8 +5,8 @@
    paper), otherwise scikit-learn's PCA (default fallback, deterministic) or t-SNE;
 3. *Coarse graining*: an ``n × n`` grid over the layout, attribution vectors averaged per cell;
 4. *Icons*: each cell's average ``|S|`` inverted into an image with the dot·cos objective
-   (:func:`negspace.explain.featureviz.attribution_inversion`), bordered by the icon's own ``f_v`` value;
-   the figure is saved as PNG.
+   (:func:`negspace.explain.tension.attribution_inversion`), bordered by the icon's own ``f_v`` value;
+   the figure (:func:`negspace.plots.tension_atlas_figure`) is saved as PNG on request.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from negspace.attribution.engine import forward_objective
-from negspace.explain.featureviz import attribution_inversion
-from negspace.explain.tension import Feature, as_feature
+from negspace.explain.tension.featureviz import attribution_inversion
+from negspace.explain.tension.stats import Feature, as_feature
 
 __all__ = ["Atlas", "attribution_atlas", "embed_2d", "grid_average", "select_top_norm"]
 
@@ -143,32 +143,11 @@ def attribution_atlas(
 
 
 def _save(atlas: Atlas, values: Tensor, grid: int, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 4.5))
-    v = values.detach().cpu().numpy()
-    lim = float(np.abs(v).max()) or 1.0
-    sc = ax0.scatter(atlas.coords[:, 0], atlas.coords[:, 1], c=v, cmap="coolwarm_r", vmin=-lim, vmax=lim, s=6)
-    fig.colorbar(sc, ax=ax0, label="f_v")
-    ax0.set_title(f"attributions ({atlas.method})")
-    ax1.set_xlim(0, grid)
-    ax1.set_ylim(0, grid)
-    ax1.set_title("atlas icons (border: f_v of icon)")
-    cmap = plt.get_cmap("coolwarm_r")
-    vals = list(atlas.icon_values.values())
-    ilim = max((abs(x) for x in vals), default=1.0) or 1.0
-    for (r, c), img in atlas.icons.items():
-        arr = img.detach().cpu().float()
-        arr = arr[:3].permute(1, 2, 0).numpy() if arr.shape[0] >= 3 else arr[0].numpy()
-        ax1.imshow(arr, extent=(c + 0.05, c + 0.95, r + 0.05, r + 0.95), cmap=None if arr.ndim == 3 else "gray")
-        col = cmap(0.5 + 0.5 * atlas.icon_values[(r, c)] / ilim)
-        ax1.add_patch(plt.Rectangle((c + 0.05, r + 0.05), 0.9, 0.9, fill=False, edgecolor=col, lw=2))
-    ax1.set_xticks([])
-    ax1.set_yticks([])
-    fig.tight_layout()
+    from negspace.plots import tension_atlas_figure
+
+    fig = tension_atlas_figure(atlas, values, grid)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -11,16 +11,17 @@ rotation (:func:`random_transform`, pure torch ops) for robustness to adversaria
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from negspace.attribution.engine import as_target, forward_objective
-from negspace.hooks import capture, get_layer, run_until
-from negspace.objectives import Objective
+from negspace.attribution.engine import forward_objective
+from negspace.hooks import capture, eval_mode, get_layer, run_until
+from negspace.objectives import Objective, as_target
 
 __all__ = [
     "FourierImage",
@@ -145,11 +146,18 @@ def _optimise(
     return param().detach()
 
 
-def _frozen(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and parameters that do not require grad, both restored on exit (also after an exception)."""
     state = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in state:
         p.requires_grad_(False)
-    return state
+    try:
+        with eval_mode(model):
+            yield model
+    finally:
+        for p, rg in state:
+            p.requires_grad_(rg)
 
 
 def visualize(
@@ -180,20 +188,13 @@ def visualize(
     g = torch.Generator().manual_seed(seed)
     param = FourierImage(size, channels, batch, mode=mode, init=init, generator=g)
     sign = 1.0 if minimize else -1.0
-    was_training = model.training
-    state = _frozen(model)
-    model.eval()
-    try:
-        def loss_fn(img: Tensor) -> Tensor:
-            vals = forward_objective(model, img, obj)
-            return sign * vals.sum()
 
+    def loss_fn(img: Tensor) -> Tensor:
+        return sign * forward_objective(model, img, obj).sum()
+
+    with _frozen(model):
         return _optimise(param, loss_fn, steps=steps, lr=lr, transforms=transforms, generator=g,
                          progress=progress, desc="minimise" if minimize else "maximise")  # fmt: skip
-    finally:
-        model.train(was_training)
-        for p, rg in state:
-            p.requires_grad_(rg)
 
 
 def dot_cos(h: Tensor, s: Tensor, p: float = 1.0, eps: float = 1e-8, min_cos: float = 1e-4) -> Tensor:
@@ -249,9 +250,6 @@ def attribution_inversion(
         size = tuple(init.shape[-2:]) if init is not None else 64
     g = torch.Generator().manual_seed(seed)
     param = FourierImage(size, channels, 1, mode=mode, init=init, generator=g)
-    was_training = model.training
-    state = _frozen(model)
-    model.eval()
 
     def loss_fn(img: Tensor) -> Tensor:
         with capture(model, layer, stop_after=True) as cap:
@@ -263,10 +261,6 @@ def attribution_inversion(
             h = F.interpolate(h, size=target.shape[-2:], mode="bilinear", align_corners=False)
         return -dot_cos(h, target, p).sum()
 
-    try:
+    with _frozen(model):
         return _optimise(param, loss_fn, steps=steps, lr=lr, transforms=transforms, generator=g,
                          progress=progress, desc=f"inversion {sign}")  # fmt: skip
-    finally:
-        model.train(was_training)
-        for prm, rg in state:
-            prm.requires_grad_(rg)
