@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torchvision
 
-from negspace.editing.bake import bake, bake_plan
+from negspace.editing.baking import bake, bake_plan
 from negspace.editing.channels import ChannelEdit
 from negspace.editing.router import VirtualNeuronRouter
 from negspace.explain.pure import VirtualNeuronSet

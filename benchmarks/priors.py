@@ -18,12 +18,13 @@ allocator's cached heap (``malloc_trim``), reset the kernel's high-water mark (`
 ← 5), run one step and report ``VmHWM − VmRSS`` — the extra resident memory the step needs on top of
 model, optimizer state and data (Linux only; skipped elsewhere).
 
-Variants without suffix are the separate attribution pass (``prior_loss``; what ``AttributionPrior`` does
-for models with train-mode BatchNorm such as the timm ResNet-18). ``*_shared`` variants are
-``AttributionPrior(share_forward=True)`` — the default ``"auto"`` choice for BN-free models such as the
-X-ResNet when more than half the batch is masked: the prior differentiates the logits of the training
-forward, so the loss and the prior share one forward and one backward through it. With half the batch
-unmasked, "auto" uses the separate pass on the masked half (``presence_half``).
+Variants without suffix are the separate attribution pass (``prior_loss``; ``AttributionPrior(norm_mode=
+"separate")``). ``*_shared`` variants are ``AttributionPrior(norm_mode="shared")`` — the default (``"auto"``)
+with input×gradient on BatchNorm nets, and on BN-free models such as the X-ResNet when more than half the
+batch is masked: the prior differentiates the logits of the training forward, so the loss and the prior
+share one forward and one backward through it. With half the batch unmasked, "auto" on BN-free models uses
+the separate pass on the masked half (``presence_half``). ``benchmarks/priors_archs.py`` runs the default
+mode on six architectures.
 
 Threads default to 1: the benchmark machine is shared and oversubscribed OpenMP threads made timings
 10–30× noisier; ratios are what matters.
@@ -104,7 +105,7 @@ def make_steps(model, opt) -> dict[str, Callable[[], None]]:
         return run
 
     def shared(mode: str) -> Callable[[], None]:
-        """``AttributionPrior(share_forward=True)``: the prior differentiates the training forward's logits."""
+        """``AttributionPrior(norm_mode="shared")``: the prior differentiates the training forward's logits."""
 
         def run() -> None:
             opt.zero_grad(set_to_none=True)
@@ -211,7 +212,7 @@ def main() -> None:
         print(f"naive per-class loop / ours      {nv:5.2f}x  (presence+absence step)")
         sp = med["presence_shared"] / med["plain"]
         sa = med["presence_absence_shared"] / med["presence_shared"]
-        print(f"share_forward: presence / plain  {sp:5.2f}x,  presence+absence / presence {sa:5.2f}x")
+        print(f"shared forward: presence / plain {sp:5.2f}x,  presence+absence / presence {sa:5.2f}x")
 
 
 if __name__ == "__main__":

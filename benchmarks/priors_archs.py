@@ -9,8 +9,9 @@ a 4×4 patch grid) and negspace's X-ResNet-18. One training step = zero_grad, fo
 ``capture_training_forward`` / ``penalty_step`` calls, without Lightning), in each model's default mode
 (``norm_mode="auto"``: the shared training forward on all six, since every sample is masked).
 
-Printed per model: median s/step of interleaved repeats (round-robin over the variants, so load drift on a
-shared machine hits all alike), the ratios presence / plain (target ≤ 2.5×) and presence+absence / presence
+Printed per model: median CPU seconds per step (``time.process_time`` of this process: with one thread it
+does not count the time other jobs on a shared machine take from us, which made wall-clock ratios swing by 2×
+between runs) over interleaved repeats (round-robin over the variants), the ratios presence / plain (target ≤ 2.5×) and presence+absence / presence
 (target ≤ 1.5×), and peak memory:
 
 * ``peak MB`` — extra resident memory of one step (Linux): free the allocator's cached heap
@@ -141,9 +142,9 @@ def bench(name: str, repeats: int, norm_mode: str, memory: bool) -> dict[str, di
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for _ in range(repeats):
         for v, fn in steps.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             fn()
-            times[v].append(time.perf_counter() - t0)
+            times[v].append(time.process_time() - t0)
     for v in VARIANTS:
         out[v]["s"] = statistics.median(times[v])
     out["plan"] = {"/".join(sorted(set(plans))): 0.0}
@@ -160,9 +161,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"batch {B}x3x{HW}x{HW}, 2 classes, {PATCH}x{PATCH} masks on all samples, input x gradient, "
-          f"norm_mode={args.norm_mode!r}, torch {torch.__version__}, {args.threads} thread(s), median of "
-          f"{args.repeats} interleaved repeats")
-    head = (f"{'model':<22}{'plan':<9}{'plain s':>8}{'pres s':>8}{'p+a s':>8}{'pres/plain':>11}{'p+a/pres':>9}"
+          f"norm_mode={args.norm_mode!r}, torch {torch.__version__}, {args.threads} thread(s), median CPU s/step "
+          f"of {args.repeats} interleaved repeats")
+    head = (f"{'model':<22}{'plan':<9}{'plain':>8}{'pres':>8}{'p+a':>8}{'pres/plain':>11}{'p+a/pres':>9}"
             f"{'peak MB plain/pres/p+a':>25}{'peak pres/plain':>16}{'saved MB plain/pres/p+a':>25}")
     print(head)
     for name in args.models.split(","):

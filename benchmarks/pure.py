@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--n-ref", type=int, default=100)
     ap.add_argument("--general-neurons", type=int, default=128,
                     help="neurons timed for negspace on the block output (autograd path); 512 = all")
+    ap.add_argument("--fast-only", action="store_true", help="only the exact fast path (layer4.1.conv2)")
     args = ap.parse_args()
     torch.manual_seed(0)
     n_img = 150 if args.quick else args.images
@@ -67,14 +68,14 @@ def main() -> None:
         ("layer4.1.conv2", "layer4.1.act1", True, 512, 3),  # layer4's last conv: exact fast path
         ("layer4", "layer4.0", "auto", n_general, 1),  # block output (paper's penultimate layer): autograd path
     )
-    for layer, circuit_layer, fast, n_ours, repeats in settings:
+    for layer, circuit_layer, fast, n_ours, repeats in settings[:1] if args.fast_only else settings:
         t0 = time.perf_counter()
         refs = reference_samples(model, layer, x, n_ref=args.n_ref)
         t_refs = time.perf_counter() - t0
         rows = torch.linspace(0, 511, n_ours).long()
         refs_ours = References(refs.layer, refs.neurons[rows], refs.indices[rows], refs.values[rows])
         t_ours, ours = timed(lambda: reference_circuits(model, circuit_layer, x, refs_ours, fast=fast), repeats)  # noqa: B023
-        t_naive, ref = timed(lambda: naive(model, layer, circuit_layer, x, refs, subset, "max"), 1)  # noqa: B023
+        t_naive, ref = timed(lambda: naive(model, layer, circuit_layer, x, refs, subset, "relu"), 1)  # noqa: B023
         common = [i for i, r in enumerate(rows.tolist()) if r in subset]
         err = float((ours[common] - ref[[subset.index(int(rows[i])) for i in common]]).abs().max()) if common else float("nan")
         t_ours_all = t_ours * 512 / n_ours

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from helpers import hook_count
-from negspace.editing.bake import ChannelFill, EditedLayer, bake, bake_plan
+from negspace.editing.baking import ChannelFill, EditedLayer, bake, bake_plan
 from negspace.editing.channels import ChannelEdit
 from negspace.editing.io import load_edit, load_edited, save_edit
 from negspace.editing.router import VirtualNeuronRouter
@@ -22,6 +22,9 @@ from negspace.hooks import intervene
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
+
+# random centroids and random-init networks: PURE rightly warns that these virtual neurons split arbitrarily
+pytestmark = pytest.mark.filterwarnings("ignore:PURE.*split arbitrarily:UserWarning")
 
 
 @pytest.fixture(autouse=True)

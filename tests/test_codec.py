@@ -86,8 +86,13 @@ def digit_data(digits):
 @pytest.fixture(scope="module")
 def digit_modes(digit_data):
     # default schedule (step budget, lr scaled to it, early stopping): 40 epochs at 3e-3 no longer needed
-    return fit_modes(digit_data, "relu2", num_classes=10, hidden=64, progress=False,
-                     superclasses={"round": [0, 6, 8, 9]})
+    threads = torch.get_num_threads()  # module fixtures run before the one_thread fixture
+    torch.set_num_threads(1)
+    try:
+        return fit_modes(digit_data, "relu2", num_classes=10, hidden=64, progress=False,
+                         superclasses={"round": [0, 6, 8, 9]})
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------- contributions

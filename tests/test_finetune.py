@@ -203,6 +203,7 @@ def test_freeze_backbone_epochs():
     trainer.fit(m, datamodule=_dm())
     conv1, fc1 = _snapshot(m)
     assert torch.equal(conv0, conv1) and not torch.equal(fc0, fc1)
+    assert all(p.requires_grad for p in m.parameters())  # restored after fit
     m2 = ClassifierModule(model=_net(), lr=0.05, freeze_backbone_epochs=1)
     L.Trainer(max_epochs=2, limit_val_batches=0, **FAST).fit(m2, datamodule=_dm())
     assert not torch.equal(conv0, _snapshot(m2)[0]) and all(p.requires_grad for p in m2.parameters())

@@ -313,3 +313,36 @@ def test_shared_forward_variant_equals_prior_loss():
     assert res.per_sample[2].item() == 0.0
     with pytest.raises(ValueError, match="requires_grad"):
         compute_prior_from_logits(model(x), x, y, mask)
+
+
+# ------------------------------------------------------------------------------ paper 000's defaults
+def test_paper_000_defaults():
+    """The defaults the fidelity table (docs/fidelity.md, 000-priors) calls faithful."""
+    import inspect
+
+    from negspace.callbacks import AttributionPrior
+    from negspace.data_modules.patches import default_dilation
+
+    assert EPS == 1e-5  # B.4: "we add 10^-5 to the denominator"
+    assert default_dilation(224) == 10  # B.4: masks dilated by 10 pixels (at 224 px)
+    for fn in (prior_loss, AttributionPrior.__init__):
+        params = inspect.signature(fn).parameters
+        assert params["mode"].default == "presence_absence"  # eq. 3
+        assert params["non_target"].default == "complement"  # t' = complementary class (binary)
+        assert params["method"].default == "input_x_gradient"  # = IG on X-models (test_ig_equals_ixg_...)
+    params = inspect.signature(AttributionPrior.__init__).parameters
+    assert params["norm_mode"].default == "auto"  # = "shared" (the reference's training forward) with IxG
+    assert params["attribution_batch"].default is None  # every masked sample, as in the paper
+
+
+def test_mass_in_mask_is_relative_target_attribution_in_the_patch():
+    """Table 2 "Attr.": Σ|A(x, t)·P| / Σ|A(x, t)| of the label's attribution, averaged over masked samples."""
+    w = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(3, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 1])
+    mask = torch.zeros(3, 1, 2, 2)
+    mask[0, :, 0, 0] = 1
+    mask[2, :, :, 1] = 1  # sample 1 unmasked: not part of the mean
+    result = compute_prior(Linear(w), x, y, mask)
+    by_hand = [(x[b] * w[y[b]] * mask[b]).abs().sum() / (x[b] * w[y[b]]).abs().sum() for b in (0, 2)]
+    torch.testing.assert_close(result.mass_in_mask(), torch.stack(by_hand).mean())

@@ -208,16 +208,25 @@ def area_chart(
 # === tension ===
 def tension_channel_figure(
     images: Tensor, result: Any, selections: Any, patches: Any, channel: int, *, n_show: int = 4,
-    title: str | None = None,
+    title: str | None = None, phi_norm: str = "images",
 ) -> Any:
-    """One channel's tension report (papers 001, 000): rows of MEIs / MIIs / MTIs of ``images (N, C, H, W)``
-    (indices ``selections[name]``, titled with ``result.f``), each above its φ maps (φ⁺ red, φ⁻ blue, overlap
-    green, normalised jointly, paper 001 Fig. 4 g), then the least and most activating patches of ``channel``.
+    """One channel's tension report (papers 001, 000): rows of MEIs / MIIs / MTIs (and the MTI subtypes
+    ``mti_separated`` / ``mti_colocated`` when present) of ``images (N, C, H, W)`` (indices
+    ``selections[name]``, titled with ``result.f``), each above its φ maps (φ⁺ red, φ⁻ blue, overlap green,
+    paper 001 Fig. 4 g), then the least and most activating patches of ``channel``.
 
-    ``result``: the channel's ``TensionResult``; ``patches``: a ``PatchResult`` of the layer.
+    ``phi_norm="images"``: one scale for all images (paper 001), ``"image"``: each image by its own maximum
+    (:func:`negspace.explain.tension.phi_normalize`). ``result``: the channel's ``TensionResult``;
+    ``patches``: a ``PatchResult`` of the layer.
     """
+    from negspace.explain.tension import phi_normalize
+
     plt = _plt()
-    rows = [(name, list(selections[name])) for name in ("mei", "mii", "mti") if len(selections.get(name, ()))]
+    names = ("mei", "mii", "mti", "mti_separated", "mti_colocated")
+    rows = [(name, list(selections[name])) for name in names if len(selections.get(name, ()))]
+    norm_p = norm_m = None
+    if result.phi_plus is not None:
+        norm_p, norm_m = phi_normalize(result.phi_plus, result.phi_minus, across=phi_norm)
     k = patches.least.shape[1]
     n_col = max(n_show, k)
     fig, axes = plt.subplots(len(rows) * 2 + 2, n_col, figsize=(1.3 * n_col, 1.3 * (len(rows) * 2 + 2)), squeeze=False)
@@ -227,10 +236,8 @@ def tension_channel_figure(
         for j, i in enumerate(idx[:n_col]):
             axes[2 * r, j].imshow(image_array(images[i]), cmap="gray")
             axes[2 * r, j].set_title(f"{name} f={float(result.f[i]):.2g}", fontsize=6)
-            if result.phi_plus is not None:
-                pp, pm = result.phi_plus[i].detach().float().cpu(), result.phi_minus[i].detach().float().cpu()
-                scale = float(torch.maximum(pp.max(), pm.max())) or 1.0
-                p, m = pp / scale, pm / scale
+            if norm_p is not None and norm_m is not None:
+                p, m = norm_p[i].cpu(), norm_m[i].cpu()
                 both = torch.minimum(p, m)
                 rgb = phi_rgb(p - both, m - both)
                 rgb[..., 1] = both.clamp(0, 1).numpy()

@@ -118,7 +118,7 @@ def fast_rows(
         if shared is not None:
             v = shared[s]
         elif reduce == "relu":  # dense weights ReLU(z_k(p)): a weighted sum of the patches
-            v = (u[s] * row_weights(out, reduce, s, k)[:, None, None, :].to(u.dtype)).sum(-1)
+            v = torch.einsum("rckp,rp->rck", u[s], row_weights(out, reduce, s, k).to(u.dtype))
         else:
             pos = row_weights(out, reduce, s, k).argmax(dim=1)  # one-hot weights: the chosen position
             v = u[s, :, :, pos]  # (R, C, kk)

@@ -11,7 +11,6 @@ the penalised loss. It is removed in ``teardown`` and ``on_exception``. The comp
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -29,57 +28,13 @@ from negspace.priors.shared import (
     Forward,
     attributed_model,
     capture_training_forward,
+    install_step_wrapper,
     parse_schedule,
     penalty_step,
+    uninstall_step_wrapper,
 )
 
 __all__ = ["AttributionPrior"]
-
-_REGISTRY = "_negspace_attribution_priors"  # instance attribute holding the installed wrapper's state
-
-
-def _install(module: LightningModule, cb: AttributionPrior) -> None:
-    """Register ``cb``; the first registration replaces the instance's ``training_step`` by one shared wrapper
-    that serves every AttributionPrior on the module (in registration order, removable in any order)."""
-    reg = module.__dict__.get(_REGISTRY)
-    if reg is None:
-        user_step = module.training_step  # bound method (or a user-set instance attribute)
-        priors: list[AttributionPrior] = []
-
-        @functools.wraps(user_step)
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            batch = args[0] if args else kwargs.get("batch")
-            active = list(priors)
-            with contextlib.ExitStack() as stack:
-                for prior in active:  # plan the step; the shared forward captures the user's own forward
-                    stack.enter_context(prior._capture(module, batch))
-                out = user_step(*args, **kwargs)
-            for prior in active:
-                out = prior._add_to_output(module, batch, out)
-            return out
-
-        had, original = "training_step" in module.__dict__, module.__dict__.get("training_step")
-        reg = {"priors": priors, "had": had, "original": original}
-        module.__dict__[_REGISTRY] = reg
-        module.__dict__["training_step"] = training_step
-    if cb not in reg["priors"]:
-        reg["priors"].append(cb)
-
-
-def _uninstall(module: LightningModule, cb: AttributionPrior) -> None:
-    """Unregister ``cb``; the last one out restores the module's own ``training_step`` exactly."""
-    reg = module.__dict__.get(_REGISTRY)
-    if reg is None:
-        return
-    if cb in reg["priors"]:
-        reg["priors"].remove(cb)
-    if not reg["priors"]:
-        if reg["had"]:
-            module.__dict__["training_step"] = reg["original"]
-        else:
-            module.__dict__.pop("training_step", None)
-        module.__dict__.pop(_REGISTRY, None)
-
 
 class AttributionPrior(Callback):
     """Add paper 000's attribution prior ``lam · prior_loss`` to an unmodified module's training loss.
@@ -195,13 +150,13 @@ class AttributionPrior(Callback):
                 "in your training_step before `self.manual_backward(loss)`."
             )
             return
-        _install(pl_module, self)
+        install_step_wrapper(pl_module, self)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        _uninstall(pl_module, self)
+        uninstall_step_wrapper(pl_module, self)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        _uninstall(pl_module, self)  # Lightning does not call `teardown` when fit raises
+        uninstall_step_wrapper(pl_module, self)  # Lightning does not call `teardown` when fit raises
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"penalised_batches": int(self.penalised_batches)}

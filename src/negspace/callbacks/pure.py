@@ -77,7 +77,9 @@ class VirtualNeurons(AnalysisCallback):
         batch_keys, forward, dataloader_idx, save_dir: the shared callback vocabulary.
         fit_at, image_key: deprecated names of ``every_n_epochs`` and ``batch_keys={"image": ...}``.
 
-    Logged: ``pure/neuron_<k>/circuit_{inter,intra,separation}`` (circuit distances), and with an encoder
+    Logged: ``pure/neuron_<k>/circuit_{inter,intra,separation}`` (circuit distances),
+    ``circuit_{silhouette,silhouette_null,relative_separation}`` (is the split real; a warning at fit names the
+    neurons whose split is arbitrary), and with an encoder
     ``pure/neuron_<k>/{clip_pure, clip_activation, polysemanticity, corr_pure, corr_activation}``.
     ``callback.result`` is the fitted :class:`~negspace.explain.pure.VirtualNeuronSet`; ``callback.scores`` the dict.
     """
@@ -169,6 +171,10 @@ class VirtualNeurons(AnalysisCallback):
             pre = f"pure/neuron_{n}/"
             scores.update({pre + "circuit_inter": float(inter), pre + "circuit_intra": float(intra),
                            pre + "circuit_separation": float(inter - intra)})
+        for n, (sil, null, rel) in vn.structure.items():  # is the split real? (vn.arbitrary(), warned at fit)
+            pre = f"pure/neuron_{n}/"
+            scores.update({pre + "circuit_silhouette": float(sil), pre + "circuit_silhouette_null": float(null),
+                           pre + "circuit_relative_separation": float(rel)})
         if trainer.is_global_zero and (self.encoder is not None or self.figures):
             reports = evaluate_virtual_neurons(
                 net, vn, loader, encoder=self.encoder, pretrained=self.pretrained, max_neurons=self.max_report,

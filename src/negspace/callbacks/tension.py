@@ -7,9 +7,10 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 
-from negspace.batch import collect_images, images_of
+from negspace.batch import collect_images, images_of, iter_batches
 from negspace.callbacks.base import AnalysisCallback, log_scalars, progress_enabled
 from negspace.explain.tension import check_channels, tension_report
 from negspace.hooks import get_layer, model_device
@@ -35,13 +36,18 @@ class TensionReport(AnalysisCallback):
     ``channels`` of ``layer`` — :func:`negspace.explain.tension.tension_report` on at most ``max_images``
     validation images of loader ``dataloader_idx``:
 
-    * E± statistics of each channel as a feature ``f_v = neuron(layer, c, reduce)`` attributed to
-      ``attribution_layer`` (``None``: pixels) — logged as ``tension/<layer>/<c>/<stat>``;
+    * E± statistics of each channel as a feature ``f_v = neuron(layer, c, feature_reduce or reduce)`` attributed
+      to ``attribution_layer`` (``None``: pixels) — logged as ``tension/<layer>/<c>/<stat>``. Default: the
+      spatial mean (for a GAP classifier's last conv map, the logit); ``feature_reduce="center"`` is paper 001's
+      central activation (measured on the green-pixel net in docs/tension.md);
     * most/least activating patches of every channel of ``layer`` (sliding window) and the patch-insertion test
       on the chosen channels — logged as ``tension/<layer>/<c>/{none,random,least,most,p_least,inhibited}`` and
       ``tension/<layer>/fraction_inhibited``; the table is also written as ``insertion_epoch<E>.json``;
     * one figure per channel (MEIs, MIIs, MTIs with their φ⁺/φ⁻ maps, least/most activating patches), sent to
-      the loggers and saved as PNG (``figures=False`` to skip).
+      the loggers and saved as PNG (``figures=False`` to skip; φ maps normalised across images, paper 001).
+
+    ``channels="important"``: the class-important channels of paper 000 B.3 (relative IG ``>= threshold``,
+    computed with the validation labels).
 
     Files go to ``<save_dir or log_dir>/tension/`` (nothing is written without either). ``forward``: dotted name
     of the submodule that is the network (layers are named relative to it); ``batch_keys``: the batch layout
@@ -53,10 +59,12 @@ class TensionReport(AnalysisCallback):
     def __init__(
         self,
         layer: str,
-        channels: Sequence[int],
+        channels: Sequence[int] | str,
         *,
         attribution_layer: str | None = None,
         reduce: str = "mean",
+        feature_reduce: str | None = None,
+        threshold: float = 0.05,
         every_n_epochs: int | None = 1,
         patch_size: int | Sequence[int] = 8,
         stride: int | Sequence[int] | None = None,
@@ -76,7 +84,10 @@ class TensionReport(AnalysisCallback):
                          dataloader_idx=dataloader_idx, save_dir=save_dir)  # fmt: skip
         if not isinstance(layer, str):
             raise TypeError(f"layer must be a dotted name, got {layer!r}")
-        self.layer, self.channels, self.attribution_layer = layer, check_channels(channels), attribution_layer
+        important = channels == "important"
+        self.layer, self.attribution_layer = layer, attribution_layer
+        self.channels: list[int] | str = "important" if important else check_channels(channels)  # type: ignore[arg-type]
+        self.feature_reduce, self.threshold = feature_reduce, threshold
         self.reduce, self.patch_size, self.stride, self.k, self.n_images = reduce, patch_size, stride, k, n_images
         self.max_images, self.n_show, self.alpha = max_images, n_show, alpha
         self.figures, self.seed = figures, seed
@@ -97,15 +108,29 @@ class TensionReport(AnalysisCallback):
     ) -> None:
         if not self._batch_checked and dataloader_idx == self.dataloader_idx:
             images_of(batch, self.batch_keys, who="TensionReport")
+            if self.channels == "important":  # the labels are needed: fail now, not after the fit
+                next(iter_batches([batch], self.batch_keys, require=("image", "label"), who="TensionReport"))
             self._batch_checked = True
 
     # ---------------------------------------------------------------------------------------- run
     def run(self, trainer: Trainer, pl_module: LightningModule, loader: Any) -> None:
         net = self.network(pl_module)
-        x = collect_images(loader, self.batch_keys, max_images=self.max_images, who="TensionReport")
+        labels = None
+        if self.channels == "important":
+            xs, ys, n = [], [], 0
+            for b in iter_batches(loader, self.batch_keys, require=("image", "label"), who="TensionReport"):
+                xs.append(b.image.detach())
+                ys.append(b.label.detach())
+                n += b.image.shape[0]
+                if n >= self.max_images:
+                    break
+            x, labels = torch.cat(xs)[: self.max_images], torch.cat(ys)[: self.max_images].to(model_device(net))
+        else:
+            x = collect_images(loader, self.batch_keys, max_images=self.max_images, who="TensionReport")
         x = x.clone().to(model_device(net))
         result = tension_report(
             net, self.layer, self.channels, x, attribution_layer=self.attribution_layer, reduce=self.reduce,
+            feature_reduce=self.feature_reduce, labels=labels, threshold=self.threshold,
             patch_size=self.patch_size, stride=self.stride, k=self.k, n_images=self.n_images, n_show=self.n_show,
             alpha=self.alpha, seed=self.seed, progress=progress_enabled(trainer),
         )  # fmt: skip
@@ -129,7 +154,7 @@ class TensionReport(AnalysisCallback):
         if self.figures:
             from negspace.plots import tension_channel_figure
 
-            for c in self.channels:
+            for c in result["tension"]:
                 fig = tension_channel_figure(x, result["tension"][c], result["selections"][c], result["patches"], c,
                                              n_show=self.n_show, title=f"{self.layer}:{c} epoch {epoch}")  # fmt: skip
                 path = self.figure(trainer, f"tension/{self.layer}_{c}_epoch{epoch}", fig, "tension")

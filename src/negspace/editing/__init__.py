@@ -1,5 +1,6 @@
 """Model edits, and only edits: channel ablation/preservation and virtual-neuron routing — reversible context
-managers and persistent, checkpointable edit objects (no Lightning).
+managers and persistent, checkpointable edit objects — and their way out of the library: ``bake`` (fold an
+edit into a plain module), ``save_edit``/``load_edited`` (safetensors + JSON). No Lightning.
 
 Public names are imported lazily. The analyses that used to live here (CODEC contributions and modes, PURE
 virtual-neuron fitting) moved to :mod:`negspace.explain`; their old names still work with a warning.
@@ -14,6 +15,9 @@ _LAZY: dict[str, str] = {
     "preserve_channels": "channels",
     "ChannelEdit": "channels",
     "VirtualNeuronRouter": "router",
+    **{n: "baking" for n in ("bake", "bake_plan", "BakeStep", "ChannelFill", "EditedLayer", "edit_channels")},
+    **{n: "io" for n in ("save_edit", "load_edit", "load_edited", "check_edit")},
+    **{n: "routing_module" for n in ("RoutedLayer", "RoutedBlock")},
 }
 
 _MOVED: dict[str, str] = {

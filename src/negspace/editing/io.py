@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from negspace.editing.bake import edit_channels
+from negspace.editing.baking import edit_channels
 from negspace.editing.probe import Example
 from negspace.hooks import PersistentEdit, get_layer
 
@@ -133,7 +133,7 @@ def check_edit(model: nn.Module, edit: PersistentEdit, example: Example | None =
 def load_edited(model: nn.Module, path: str | Path, *, example: Example | None = None) -> PersistentEdit:
     """Load the edit saved at ``path``, check it fits ``model`` (see :func:`check_edit`) and apply it.
 
-    Returns the applied edit (``.remove()`` undoes it; :func:`negspace.editing.bake.bake` makes it permanent). A
+    Returns the applied edit (``.remove()`` undoes it; :func:`negspace.editing.baking.bake` makes it permanent). A
     router on a block output has no hook form: use ``bake(model, load_edit(path))``.
     """
     edit = load_edit(path)

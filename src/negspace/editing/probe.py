@@ -1,4 +1,4 @@
-"""One recorded forward pass for :func:`negspace.editing.bake.bake`: which module calls read which tensor, and the
+"""One recorded forward pass for :func:`negspace.editing.baking.bake`: which module calls read which tensor, and the
 autograd graph, so that a layer's output can be shown to have exactly one user (a ``"next"``-layer fold)."""
 
 from __future__ import annotations

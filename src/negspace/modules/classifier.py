@@ -128,7 +128,9 @@ class ClassifierModule(L.LightningModule):
         _check_number("backbone_lr_mult", backbone_lr_mult, 0.0)
         _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
         _check_number("warmup_epochs", warmup_epochs, 0.0)
-        _check_number("min_lr_ratio", min_lr_ratio, 0.0, 1.0 + 1e-12)
+        _check_number("min_lr_ratio", min_lr_ratio, 0.0)
+        if min_lr_ratio > 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
         if isinstance(freeze_backbone_epochs, bool) or not isinstance(freeze_backbone_epochs, int) or freeze_backbone_epochs < 0:
             raise ValueError(f"freeze_backbone_epochs must be an int >= 0, got {freeze_backbone_epochs!r}")
         if checkpoint is not None:
@@ -215,6 +217,10 @@ class ClassifierModule(L.LightningModule):
             frozen = self.current_epoch < self.freeze_backbone_epochs
             for p in self._freezable:
                 p.requires_grad_(not frozen)
+
+    def on_fit_end(self) -> None:
+        for p in self._freezable:  # a fit shorter than freeze_backbone_epochs leaves no frozen parameters behind
+            p.requires_grad_(True)
 
     # ------------------------------------------------------------------ steps
     def forward(self, x: Tensor) -> Tensor:

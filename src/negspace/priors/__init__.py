@@ -39,6 +39,8 @@ _LAZY: dict[str, str] = {
     "LogitsOf": "shared",
     "eval_norms": "shared",
     "forward_error": "shared",
+    "install_step_wrapper": "shared",
+    "uninstall_step_wrapper": "shared",
     "plan_step": "shared",
     "attributed_model": "shared",
     "capture_training_forward": "shared",

@@ -33,12 +33,26 @@ from negspace.hooks import eval_mode, frozen_norm_stats, frozen_relu_masks
 from negspace.priors.checks import NORM_MODES
 from negspace.priors.loss import PriorResult, compute_prior, compute_prior_from_logits
 
-__all__ = ["NORM_MODES", "LogitsOf", "attributed_model", "capture_training_forward", "eval_norms", "parse_schedule",
-           "penalty_step", "plan_step", "samples_independent", "shared_input",
-           "twice_differentiable_attention"]
+__all__ = [
+    "NORM_MODES",
+    "LogitsOf",
+    "attributed_model",
+    "capture_training_forward",
+    "eval_norms",
+    "forward_error",
+    "install_step_wrapper",
+    "parse_schedule",
+    "penalty_step",
+    "plan_step",
+    "samples_independent",
+    "shared_input",
+    "twice_differentiable_attention",
+    "uninstall_step_wrapper",
+]
 
 Forward = str | Callable[[nn.Module, Tensor], Any]
 PLANS = ("capture", "full", "masked", "masked_eval")
+_REGISTRY = "_negspace_attribution_priors"  # instance attribute holding the installed wrapper's state
 _COPY_OF = "_negspace_shared_copy_of"  # marks the requires_grad copy, so that several priors share one
 _LINEAR_RE = re.compile(r"^linear:([1-9][0-9]*)$")
 _INPLACE_MARKERS = ("in-place operation", "inplace operation")
@@ -355,3 +369,46 @@ def penalty_step(
             model, x, y, mask, method=method, n_steps=n_steps, baseline=baseline,
             internal_batch_size=internal_batch_size, keep_norm_stats=False, **kw,  # frozen above, on the whole module
         )
+
+
+def install_step_wrapper(module: nn.Module, cb: Any) -> None:
+    """Register ``cb``; the first registration replaces the instance's ``training_step`` by one shared wrapper
+    that serves every AttributionPrior on the module (in registration order, removable in any order)."""
+    reg = module.__dict__.get(_REGISTRY)
+    if reg is None:
+        user_step = module.training_step  # bound method (or a user-set instance attribute)
+        priors: list[Any] = []
+
+        @functools.wraps(user_step)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            batch = args[0] if args else kwargs.get("batch")
+            active = list(priors)
+            with contextlib.ExitStack() as stack:
+                for prior in active:  # plan the step; the shared forward captures the user's own forward
+                    stack.enter_context(prior._capture(module, batch))
+                out = user_step(*args, **kwargs)
+            for prior in active:
+                out = prior._add_to_output(module, batch, out)
+            return out
+
+        had, original = "training_step" in module.__dict__, module.__dict__.get("training_step")
+        reg = {"priors": priors, "had": had, "original": original}
+        module.__dict__[_REGISTRY] = reg
+        module.__dict__["training_step"] = training_step
+    if cb not in reg["priors"]:
+        reg["priors"].append(cb)
+
+
+def uninstall_step_wrapper(module: nn.Module, cb: Any) -> None:
+    """Unregister ``cb``; the last one out restores the module's own ``training_step`` exactly."""
+    reg = module.__dict__.get(_REGISTRY)
+    if reg is None:
+        return
+    if cb in reg["priors"]:
+        reg["priors"].remove(cb)
+    if not reg["priors"]:
+        if reg["had"]:
+            module.__dict__["training_step"] = reg["original"]
+        else:
+            module.__dict__.pop("training_step", None)
+        module.__dict__.pop(_REGISTRY, None)

@@ -36,11 +36,11 @@ from negspace.explain.pure._common import (
     neuron_indices,
 )
 from negspace.explain.pure.references import References
-from negspace.hooks import eval_mode, get_layer, model_device
+from negspace.hooks import capture, eval_mode, get_layer, model_device, run_until
 from negspace.objectives import Objective
 from negspace.reduce import channels_last, num_channels, reduce_positions, spatial_sum
 
-__all__ = ["FAST", "circuit_rows", "circuits", "l1_normalize", "reference_circuits"]
+__all__ = ["FAST", "check_layers", "circuit_rows", "circuits", "l1_normalize", "reference_circuits"]
 
 
 def l1_normalize(c: Tensor, eps: float = 1e-12) -> Tensor:
@@ -91,6 +91,30 @@ def _check_x(x: object) -> None:
         raise TypeError(f"x must be a floating-point Tensor, got {type(x).__name__}")
 
 
+def check_layers(model: nn.Module, layer: str, circuit_layer: str, x: Tensor | None = None) -> None:
+    """``ValueError`` when ``circuit_layer`` is ``layer`` itself or (on the sample ``x[:1]``) yields the same
+    tensor — an alias (a wrapper ``Sequential``, ``nn.Identity``) or an in-place op. Its circuits would be
+    one-hot on the neuron itself: k-means on identical points, NaN scores, meaningless virtual neurons."""
+    hint = (f"circuits need a circuit_layer *below* layer {layer!r} (e.g. the module whose output feeds it); "
+            f"circuit_layer {circuit_layer!r}")
+    if layer == circuit_layer:
+        raise ValueError(f"{hint} is the same layer")
+    get_layer(model, layer)
+    get_layer(model, circuit_layer)
+    if x is None:
+        return
+    with torch.no_grad(), eval_mode(model), capture(model, [layer, circuit_layer], detach=True, stop_after=True) as cap:
+        run_until(model, x[:1].to(model_device(model)))
+    a, b = cap.activations.get(layer), cap.activations.get(circuit_layer)
+    if a is None or b is None:
+        return
+    if a.shape == b.shape and (a.data_ptr() == b.data_ptr() or torch.equal(a, b)):
+        raise ValueError(
+            f"{hint} gives the same tensor as the layer ({tuple(a.shape)}: an alias, a wrapper or an in-place op); "
+            "every circuit would be one-hot on the neuron itself and the virtual neurons meaningless (NaN scores)"
+        )
+
+
 def _fast_possible(model: nn.Module, layer: str, circuit_layer: str, fast: object) -> bool:
     module = get_layer(model, layer)
     get_layer(model, circuit_layer)
@@ -132,6 +156,7 @@ def circuits(
     check_pure_reduce(reduce)
     check_fast(fast)
     _check_x(x)
+    check_layers(model, layer, circuit_layer)  # names only here; fitting also compares the tensors
     if isinstance(neurons, bool):
         raise TypeError("neurons must be an int, a list of ints or a LongTensor, got bool")
     b = x.shape[0]
@@ -313,6 +338,8 @@ def reference_circuits(
         a, b = torch.searchsorted(sorted_ids, lo), torch.searchsorted(sorted_ids, hi)
         if a == b:
             continue
+        if out is None:
+            check_layers(model, refs.layer, circuit_layer, x)
         slots = order[a:b]  # flat (k, j) slots whose sample lies in this batch
         c = circuit_rows(model, refs.layer, circuit_layer, x, flat_ids[slots] - lo, refs.neurons[slots // n],
                          reduce=reduce, fast=fast, max_rows=max_rows, replicate_at=replicate_at)

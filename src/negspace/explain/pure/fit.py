@@ -52,16 +52,18 @@ def _share_fit(vn: VirtualNeuronSet, rank: int, neurons: Tensor, circ: Tensor) -
     if rank == 0:
         cents = torch.cat([vn.centroids[n] for n in vn.neurons])
         labels = torch.stack([vn.labels[n] for n in vn.neurons])
-        sep = torch.stack([vn.separation[n] for n in vn.neurons]).double()
+        sep = torch.cat([torch.stack([vn.separation[n] for n in vn.neurons]),
+                         torch.stack([vn.structure[n] for n in vn.neurons])], dim=1).double()
     else:
         cents = torch.zeros(int(counts.sum()), circ.shape[-1])
         labels = torch.zeros(circ.shape[:2], dtype=torch.long)
-        sep = torch.zeros(len(counts), 2).double()
+        sep = torch.zeros(len(counts), 5).double()
     cents, labels, sep = broadcast(cents), broadcast(labels), broadcast(sep)
     vn.neurons = neurons.tolist()
     vn.centroids = dict(zip(vn.neurons, cents.split(counts.tolist())))
     vn.labels = dict(zip(vn.neurons, labels))
-    vn.separation = dict(zip(vn.neurons, sep.float()))
+    vn.separation = dict(zip(vn.neurons, sep[:, :2].float()))
+    vn.structure = dict(zip(vn.neurons, sep[:, 2:].float()))
 
 
 def fit_virtual_neurons(

@@ -1,11 +1,13 @@
 """Feature visualisation by optimisation: maximisation, minimisation (paper 000 §4) and ± attribution
 inversion / accentuation with the dot·cos objective (paper 001 §4, eqs. 4–5).
 
-A compact implementation of our own (lucent/lucid are unmaintained, not installed, and cannot minimise or
-invert attributions): an image is parameterised in Fourier space with a ``1/f`` spectrum scaling
+A compact implementation of our own (lucent/lucid are unmaintained and not installed; lucent can minimise
+through ``-objective`` but has no dot·cos attribution inversion): an image is parameterised in Fourier space with a ``1/f`` spectrum scaling
 (decorrelated spectrum, :class:`FourierImage`; ``mode="phase"`` keeps the magnitude fixed and optimises only
 the phase, as in MACO), squashed to ``[0, 1]`` with a sigmoid, and each step sees a random jitter / scale /
-rotation (:func:`random_transform`, pure torch ops) for robustness to adversarial high-frequency patterns.
+rotation (:func:`random_transform`, pure torch ops) for robustness to adversarial high-frequency patterns;
+``transforms="maco"`` uses paper 001's random crops (0.9–0.99 of the image) with uniform and Gaussian noise
+(:func:`crop_and_noise`) and ``opacity=True`` returns MACO's opacity mask.
 """
 
 from __future__ import annotations
@@ -24,12 +26,18 @@ from negspace.hooks import capture, eval_mode, get_layer, run_until
 from negspace.objectives import Objective, as_target
 
 __all__ = [
+    "TRANSFORMS",
     "FourierImage",
     "attribution_inversion",
+    "crop_and_noise",
     "dot_cos",
     "random_transform",
     "visualize",
 ]
+
+#: values of ``transforms=``: ``"maco"`` (paper 001: random crops covering 0.9–0.99 of the image, uniform and
+#: Gaussian noise), ``"affine"`` / ``True`` (jitter, scale, rotation; negspace ≤ 0.2), ``False``/``None`` (none)
+TRANSFORMS = ("maco", "affine", True, False, None)
 
 
 def _freqs(h: int, w: int) -> Tensor:
@@ -120,30 +128,74 @@ def random_transform(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def crop_and_noise(
+    x: Tensor,
+    *,
+    coverage: tuple[float, float] = (0.9, 0.99),
+    uniform: float = 0.05,
+    gaussian: float = 0.05,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Paper 001's transformations (§4): a random crop covering a fraction ``coverage`` of the image's side,
+    resized back to ``(H, W)``, plus uniform noise in ``±uniform`` and Gaussian noise of std ``gaussian``
+    (the noise levels are ours: the paper names the transformations, not their strength)."""
+    h, w = x.shape[-2:]
+    r = torch.rand(3, generator=generator)
+    frac = coverage[0] + (coverage[1] - coverage[0]) * float(r[0])
+    ch, cw = max(1, round(h * frac)), max(1, round(w * frac))
+    top, left = int(float(r[1]) * (h - ch + 1)), int(float(r[2]) * (w - cw + 1))
+    out = F.interpolate(x[..., top : top + ch, left : left + cw], size=(h, w), mode="bilinear", align_corners=False)
+    noise = (torch.rand(x.shape, generator=generator) * 2 - 1) * uniform + torch.randn(x.shape, generator=generator) * gaussian
+    return out + noise.to(out)
+
+
+def _check_transforms(transforms: object) -> str | None:
+    if transforms not in TRANSFORMS or (isinstance(transforms, int) and not isinstance(transforms, bool)):
+        raise ValueError(f"transforms must be one of {TRANSFORMS}, got {transforms!r}")
+    return "affine" if transforms is True else None if transforms in (False, None) else str(transforms)
+
+
 def _optimise(
     param: FourierImage,
     loss_fn: Callable[[Tensor], Tensor],
     *,
     steps: int,
     lr: float,
-    transforms: bool,
+    transforms: object,
     generator: torch.Generator,
     progress: bool,
     desc: str,
-) -> Tensor:
+    opacity: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
+    kind = _check_transforms(transforms)
     opt = torch.optim.Adam(param.parameters(), lr=lr)
+    alpha = None
     with torch.enable_grad():
         for _ in tqdm(range(steps), desc=desc, disable=not progress):
             img = param()
-            if transforms:
-                img = random_transform(img, generator=generator)
-            loss = loss_fn(img)
+            if opacity:
+                img.retain_grad()
+            seen = img
+            if kind == "affine":
+                seen = random_transform(img, generator=generator)
+            elif kind == "maco":
+                seen = crop_and_noise(img, generator=generator)
+            loss = loss_fn(seen)
             opt.zero_grad()
             loss.backward()
+            if opacity and img.grad is not None:  # MACO opacity: pixel-gradient magnitude integrated over steps
+                g = img.grad.detach().abs().sum(1, keepdim=True)
+                alpha = g if alpha is None else alpha + g
             opt.step()
-    return param().detach()
+    out = param().detach()
+    if not opacity:
+        return out
+    if alpha is None:
+        alpha = torch.zeros_like(out[:, :1])
+    peak = alpha.flatten(1).amax(1).clamp_min(1e-30).view(-1, 1, 1, 1)
+    return out, alpha / peak
 
 
 @contextmanager
@@ -171,16 +223,19 @@ def visualize(
     steps: int = 128,
     lr: float = 0.05,
     mode: str = "fft",
-    transforms: bool = True,
+    transforms: bool | str | None = True,
+    opacity: bool = False,
     init: Tensor | None = None,
     seed: int = 0,
     progress: bool = False,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Images ``(batch, channels, H, W)`` in ``[0, 1]`` that maximise (or, ``minimize=True``, minimise) ``objective``.
 
     ``objective``: e.g. ``objectives.neuron("conv2", 1)`` on a *pre-activation* layer (paper 000 §4: minimising
     ``z_j`` reveals the concepts whose absence the neuron encodes), a class index, or any callable ``(B,)``.
-    The model is put in eval mode and its parameters are not updated; both are restored afterwards.
+    ``mode="phase"`` with ``transforms="maco"`` and ``opacity=True`` is paper 001's MACO set-up; ``opacity``
+    also returns the opacity mask ``(batch, 1, H, W)`` in ``[0, 1]`` (pixel-gradient magnitudes summed over the
+    steps). The model is put in eval mode and its parameters are not updated; both are restored afterwards.
     """
     obj = as_target(objective)
     if getattr(obj, "layer", None) is not None:
@@ -193,7 +248,7 @@ def visualize(
         return sign * forward_objective(model, img, obj).sum()
 
     with _frozen(model):
-        return _optimise(param, loss_fn, steps=steps, lr=lr, transforms=transforms, generator=g,
+        return _optimise(param, loss_fn, steps=steps, lr=lr, transforms=transforms, generator=g, opacity=opacity,
                          progress=progress, desc="minimise" if minimize else "maximise")  # fmt: skip
 
 
@@ -223,17 +278,21 @@ def attribution_inversion(
     steps: int = 128,
     lr: float = 0.05,
     p: float = 1.0,
-    mode: str = "fft",
-    transforms: bool = True,
+    mode: str = "phase",
+    transforms: bool | str | None = "maco",
+    opacity: bool = False,
     seed: int = 0,
     progress: bool = False,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     """± attribution inversion (``init=None``, from noise) or accentuation (``init`` = the natural image)
     (paper 001 §4, eqs. 4–5): maximise ``dot_cos(f_l(x), target)`` with target ``ReLU(S)`` (``sign="+"``),
     ``ReLU(−S)`` (``"-"``) or ``|S|`` (``"abs"``, the atlas icons).
 
     ``attribution``: ``S_l`` of one image, ``(C, H', W')`` matching the layer's output for an input of ``size``
-    (spatial dot product), or ``(C,)`` compared with the spatially averaged activation. Returns ``(1, channels, H, W)``.
+    (spatial dot product), or ``(C,)`` compared with the spatially averaged activation. Returns ``(1, channels, H, W)``
+    (and the opacity mask ``(1, 1, H, W)`` with ``opacity=True``). Defaults are the paper's MACO set-up: phase
+    parameterisation, random crops with uniform and Gaussian noise; ``mode="fft", transforms="affine"`` is
+    negspace ≤ 0.2's.
     """
     get_layer(model, layer)
     if sign not in ("+", "-", "abs"):
@@ -262,5 +321,5 @@ def attribution_inversion(
         return -dot_cos(h, target, p).sum()
 
     with _frozen(model):
-        return _optimise(param, loss_fn, steps=steps, lr=lr, transforms=transforms, generator=g,
+        return _optimise(param, loss_fn, steps=steps, lr=lr, transforms=transforms, generator=g, opacity=opacity,
                          progress=progress, desc=f"inversion {sign}")  # fmt: skip

@@ -91,6 +91,12 @@ def insertion_test(
     if bad:
         raise ValueError(f"channels {bad} do not exist in layer {layer!r}, which has {n_ch} channels")
     n_img = min(n_images, x_all.shape[0])
+    if n_img < n_images:
+        warnings.warn(
+            f"insertion_test: n_images={n_images} but data has {x_all.shape[0]} images; each channel's 'most "
+            f"activating images' are all {n_img} images. Fix: pass more images (max_images=) or a smaller n_images",
+            UserWarning, stacklevel=2,
+        )
     g = torch.Generator().manual_seed(seed)
     full = values_chunked(model, layer, x_all, reduce, chunk_size)  # (N, C)
     ph, pw = patches.patch_size

@@ -34,8 +34,12 @@ __all__ = [
     "e_split",
     "layer_to_feature_attribution",
     "phi_maps",
+    "phi_normalize",
     "tension_stats",
 ]
+
+#: values of ``across=`` in :func:`phi_normalize`
+PHI_NORMS = ("images", "image")
 
 #: a feature: ``objectives.neuron(layer, c)``, ``objectives.direction(layer, v)`` or ``(layer, channel)``
 Feature = Objective | tuple[str, int]
@@ -134,6 +138,26 @@ def phi_maps(s: Tensor) -> tuple[Tensor, Tensor]:
     d = channel_dim(s)
     ep, em = ei_split(s)
     return ep.sum(d), em.sum(d)
+
+
+def phi_normalize(phi_plus: Tensor, phi_minus: Tensor, *, across: str = "images") -> tuple[Tensor, Tensor]:
+    """φ± maps ``(N, H, W)`` scaled to ``[0, 1]`` for display.
+
+    ``across="images"`` (paper 001 §3: "normalized *across* images"): one scale, the largest value of φ⁺ and
+    φ⁻ over all ``N`` maps, so an image that neither excites nor inhibits the feature shows (near) nothing;
+    ``"image"``: each image by its own maximum (negspace ≤ 0.2; every map lights up, even a flat one).
+    """
+    if across not in PHI_NORMS:
+        raise ValueError(f"across must be one of {PHI_NORMS}, got {across!r}")
+    p, m = phi_plus.detach().float(), phi_minus.detach().float()
+    if p.shape != m.shape or p.dim() < 2:
+        raise ValueError(f"phi_plus and phi_minus must be (N, ...) of equal shape, got {tuple(p.shape)}, {tuple(m.shape)}")
+    if across == "images":
+        scale = torch.maximum(p.max(), m.max()).clamp_min(1e-30)
+    else:
+        scale = torch.maximum(p.flatten(1).amax(1), m.flatten(1).amax(1)).clamp_min(1e-30)
+        scale = scale.view(-1, *([1] * (p.dim() - 1)))
+    return (p / scale).clamp(0, 1), (m / scale).clamp(0, 1)
 
 
 @dataclass
