@@ -3,7 +3,9 @@
 ``negspace fit|validate|test --config recipes/<name>.yaml [--trainer.devices 4 --trainer.num_nodes 2 ...]`` is a
 ``LightningCLI`` with :class:`negspace.modules.ClassifierModule` as the model and any ``LightningDataModule``
 (subclass mode: ``data.class_path``). ``negspace demo [--quick] [--seeds N] [--out DIR]`` runs the main job,
-paper 000's debiasing experiment (Table 2) on synthetic lesions; it is dispatched before LightningCLI.
+paper 000's debiasing experiment (Table 2) on synthetic lesions, ``negspace demo --finetune`` its fine-tuning
+version; both are dispatched before LightningCLI. The CLI fills ``data.normalize`` from a timm/torchvision model
+and hands its ``optimizer:``/``lr_scheduler:`` sections to ``ClassifierModule`` (parameter groups kept).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ DESCRIPTION = """negspace: mechanistic-interpretability methods inside PyTorch L
 Subcommands: fit, validate, test (LightningCLI; e.g. `negspace fit --config recipes/lesions_presence_absence.yaml`),
 and `negspace demo [--quick] [--seeds N] [--out DIR]`, the main job: paper 000's debiasing experiment
 (no debiasing / presence / presence+absence / unbiased bound) on synthetic lesions; see `negspace demo --help`.
+`negspace demo --finetune [--quick]` does the same by fine-tuning a pretrained timm backbone (docs/finetune.md).
 """
 
 

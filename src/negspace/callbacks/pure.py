@@ -17,6 +17,7 @@ from lightning.pytorch import LightningModule, Trainer
 from negspace import plots
 from negspace.batch import images_of
 from negspace.callbacks.base import AnalysisCallback, deprecated_kwarg, log_scalars, progress_enabled
+from negspace.callbacks.edit import bake_at_fit_end
 from negspace.editing.router import MODES, VirtualNeuronRouter
 from negspace.explain.pure import (
     VirtualNeuronSet,
@@ -68,6 +69,8 @@ class VirtualNeurons(AnalysisCallback):
         every_n_epochs: ``None`` = fit once at the end of fit; ``N`` = refit every N-th validation epoch.
         edit: ``{"neuron": k, "virtual": j, "scale": 0.0}`` or a list of them: a :class:`VirtualNeuronRouter`
             active during validation/test/predict after fitting (``edit_mode``: ``"sample"`` or ``"position"``).
+        make_permanent: at the end of fit, bake the router into the network in place (``negspace.editing.bake``:
+            the routed layer becomes a ``RoutedLayer``/``RoutedBlock``, which adds state-dict keys; warns).
         encoder: ``None`` (no embedding scores), an open_clip name (``"ViT-B-32"``, ``"tiny"``) loaded with
             ``pretrained``, or a module with ``encode_image``: logs the CLIP inter/intra scores of PURE vs
             activation clustering and the distance correlations.
@@ -98,6 +101,7 @@ class VirtualNeurons(AnalysisCallback):
         every_n_epochs: int | None = None,
         edit: Mapping | Sequence[Mapping] | None = None,
         edit_mode: str = "sample",
+        make_permanent: bool = False,
         encoder: Any = None,
         pretrained: str | None = None,
         crop_kernel: int = 5,
@@ -124,6 +128,9 @@ class VirtualNeurons(AnalysisCallback):
                          dataloader_idx=dataloader_idx, save_dir=save_dir)
         if edit_mode not in MODES:
             raise ValueError(f"edit_mode must be one of {MODES}, got {edit_mode!r}")
+        if make_permanent not in (True, False) or (make_permanent and edit is None):
+            raise ValueError(f"make_permanent must be True (needs edit=) or False, got {make_permanent!r} with edit={edit!r}")
+        self.make_permanent, self.baked = make_permanent, False
         VirtualNeuronSet(layer, circuit_layer, k=k, k_range=k_range, reduce=reduce, fast=fast)  # validates options
         if isinstance(k, int) and k > n_ref:
             raise ValueError(f"k={k} is larger than n_ref={n_ref}")
@@ -197,11 +204,18 @@ class VirtualNeurons(AnalysisCallback):
     # ------------------------------------------------------------------------------------------- router
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The router (if any) is active during validation, test and predict, and removed after each."""
-        if self.router is not None and not self.router.active:
+        if self.router is not None and not self.router.active and not self.baked:
             self.router.apply(self.network(pl_module))
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_router()
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``make_permanent``: bake the router into the network (a RoutedLayer/RoutedBlock; docs/editing.md)."""
+        if self.make_permanent and self.router is not None and not self.baked:
+            self._remove_router()
+            bake_at_fit_end(trainer, pl_module, self.router, forward=self.forward, who="VirtualNeurons")
+            self.baked = True
 
     on_test_start = on_predict_start = on_validation_start
     on_test_end = on_predict_end = on_validation_end

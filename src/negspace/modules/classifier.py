@@ -189,10 +189,11 @@ class ClassifierModule(L.LightningModule):
         return backbone_modules(self.model, self.head_names)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters as groups ``[{"name": "head"}, {"name": "backbone", "lr_mult": m}]`` (or one
-        ``"all"`` group without a head); empty groups are left out."""
+        """Trainable parameters as groups ``[{"name": "head"}, {"name": "backbone", "lr_mult": m}]``, or one
+        ``"all"`` group without a head or when neither a multiplier nor freezing is asked for; empty groups are
+        left out."""
         trainable = [p for p in self.parameters() if p.requires_grad]
-        if not self.head_names:
+        if not self.head_names or (self.backbone_lr_mult == 1.0 and not self.freeze_backbone_epochs):
             return [{"name": "all", "params": trainable, "lr_mult": 1.0}] if trainable else []
         head, backbone = split_parameters(self.model, self.head_names)
         ids = {id(p) for p in trainable}

@@ -6,7 +6,6 @@ Used by :class:`~negspace.modules.ClassifierModule`; no Lightning here.
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -112,7 +111,7 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
         return dict(load_file(str(p)))
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+    except Exception as e:  # weights_only refusals (UnpicklingError), truncated or foreign files
         raise ValueError(
             f"cannot load weights {str(p)!r} with torch.load(weights_only=True): {e}. Save a plain state dict "
             "(torch.save(model.state_dict(), path)) or a .safetensors file"
