@@ -329,7 +329,7 @@ def test_channel_edit_callback_validate_and_checkpoint(tmp_path, digits):
     ckpt = tmp_path / "edit.ckpt"
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=True)
-    fresh = ChannelEdit({"relu2": [1]}, mode="ablate", forward="model")
+    fresh = ChannelEdit({"relu2": [1]}, mode="ablate", forward="model", adopt_checkpoint=True)  # else an error
     (saved,) = [v for k, v in state["callbacks"].items() if k == fresh.state_key]
     fresh.load_state_dict(saved)
     assert fresh.edit.channels["relu2"].tolist() == [0, 3, 5] and fresh.stages == ("validate", "test")

@@ -150,6 +150,18 @@ def test_make_permanent_with_a_mask_warns_and_loads_into_the_baked_architecture(
     torch.testing.assert_close(outputs(rebuilt, x), hooked, atol=ATOL, rtol=0)
 
 
+def test_make_permanent_without_validation_data_uses_training_images(tmp_path, data):
+    cb = ChannelEdit({"7": [2]}, value=-1.0, forward="net", make_permanent=True, stages="fit")
+    lit = Lit()
+    tr = trainer(tmp_path, cb, enable_checkpointing=False, limit_val_batches=0)
+    tr.fit(lit, loader(data))
+    assert cb.baked and type(lit.net[7]) is nn.Linear  # a Linear folds into its own weights only with an example
+    x = data[0]
+    torch.testing.assert_close(outputs(lit.net, x)[:, 2], torch.full((32,), -1.0, dtype=torch.float64), atol=0, rtol=0)
+    tr.save_checkpoint(tmp_path / "final.ckpt")
+    plain(torch.load(tmp_path / "final.ckpt", weights_only=True)["state_dict"])  # strict
+
+
 def test_make_permanent_checks_options_layers_and_batch_layout_early(tmp_path, data):
     with pytest.raises(TypeError, match="make_permanent must be True or False, got 'yes'"):
         ChannelEdit({"1": [0]}, make_permanent="yes")

@@ -35,6 +35,8 @@ def _split_data(seed: int, patched_class: int | None, n: int = 12):
 
 
 class _Data(L.LightningDataModule):
+    split_names = SPLITS
+
     def __init__(self):
         super().__init__()
         self.splits = [_split_data(1, 0), _split_data(2, 1), _split_data(3, None)]

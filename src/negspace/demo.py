@@ -149,9 +149,9 @@ def _run_one(cfg: DemoConfig, setting: str, mode: str | None, unbiased: bool, la
                                save_dir=run_dir)
     callbacks: list[Any] = [report]
     if mode is not None:
-        # share_forward: the prior differentiates the training forward's logits (exact for X-models: no BatchNorm)
+        # norm_mode="shared": the prior differentiates the training forward's own logits (input×gradient only)
         callbacks.append(AttributionPrior(lam=lam, mode=mode, method=cfg.method, start_step=cfg.start_step,
-                                          share_forward=cfg.method == "input_x_gradient"))
+                                          norm_mode="shared" if cfg.method == "input_x_gradient" else "auto"))
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
         limit_val_batches=0,  # the report evaluates once after training (validate + test below)

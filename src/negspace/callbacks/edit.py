@@ -65,11 +65,13 @@ def bake_at_fit_end(
         why = "; ".join(f"{s.layer}: {s.reason}" for s in plan if s.how == "mask") if is_channel_edit else (
             "a router depends on the input and becomes a RoutedLayer/RoutedBlock module")
         rank_zero_warn(
-            f"{who}(make_permanent=True): the edit could not be folded into weights everywhere ({why}); modules "
-            f"were inserted, adding state-dict keys such as {added[:3]}. Checkpoints saved from now on load only "
-            "into the baked architecture: rebuild it with negspace.editing.bake(net, edit, example, inplace=True) "
-            "before load_state_dict, or load the unedited weights (the ModelCheckpoint files written during fit) "
-            "and re-apply the edit with negspace.editing.load_edited (see docs/editing.md, 'In a Lightning fit')."
+            f"{who}(make_permanent=True): the edit could not be folded into weights everywhere "
+            f"({why or 'a next-layer fold did not reproduce the hooked outputs'}); modules were inserted, adding "
+            f"state-dict keys such as {added[:3]}. Checkpoints saved from now on load only into the baked "
+            "architecture: rebuild it with negspace.editing.bake(net, edit, example, inplace=True) before "
+            "load_state_dict(strict=True); or keep the unedited weights of the ModelCheckpoint files written during "
+            "fit and re-apply the edit (negspace.editing.save_edit(edit, path) now, load_edited(net, path) later). "
+            "See docs/editing.md, 'In a Lightning fit'."
         )
     return net
 

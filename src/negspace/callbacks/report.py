@@ -16,12 +16,13 @@ from torch import Tensor
 from negspace.attribution.dispatch import check_method
 from negspace.batch import BatchKeys
 from negspace.callbacks.base import log_figure, output_dir
-from negspace.metrics.group import DEFAULT_SPLITS
 from negspace.metrics.report import (
     SplitReport,
+    check_class_index,
     figure_samples,
     flatten_result,
     format_table,
+    split_names,
     target_and_other_attributions,
     unflatten_result,
 )
@@ -32,8 +33,8 @@ __all__ = ["BiasedSplitReport", "format_table"]
 class BiasedSplitReport(L.Callback):
     """Per-split accuracy and attribution-in-mask report for biased validation/test splits.
 
-    At validation end and test end it computes, for each dataloader (``splits`` in order, default
-    ``train_bias``, ``inverse_bias``, ``no_bias``): per-class accuracy, ``avg`` (mean over classes), ``worst``
+    At validation end and test end it computes, for each dataloader (named by ``splits``, else by the data
+    module's ``split_names``, e.g. ``train_bias``, ``inverse_bias``, ``no_bias``): per-class accuracy, ``avg`` (mean over classes), ``worst``
     (worst class), ``attr`` (paper 000 "Attr.": mean over masked samples of ``Σ|A·P| / Σ|A|`` of the target
     attribution ``A(x, y)``) and ``attr_nontarget`` (the same for ``A(x, t')``, ``t' = 1 − y`` for two classes,
     else the highest non-target logit). It logs ``report/{stage}/{split}/{key}``, prints a markdown table on
@@ -43,9 +44,12 @@ class BiasedSplitReport(L.Callback):
     ``<save_dir or log_dir>/biased_split_report/`` (nothing is written with ``logger=False`` and no ``save_dir``).
 
     Args:
-        splits: dataloader names by ``dataloader_idx``.
-        class_names: for the printed table.
-        spurious_class: the class that carries the patch in ``train_bias`` (starred in the table).
+        splits: dataloader names by ``dataloader_idx``; must name every loader of the stage. ``None`` (default):
+            the data module's ``split_names``; a single loader without names is called ``"val"`` / ``"test"``;
+            several loaders without names are an error.
+        class_names: for the printed table (one per class).
+        spurious_class: the class that carries the patch in ``train_bias`` (starred in the table); must be a
+            class index of the data (checked on the first batch) or None.
         method: ``"input_x_gradient"`` or ``"integrated_gradients"``.
         n_steps: IG steps.
         max_attr_samples: masked samples per split and epoch that get attributions (``None``: all).
@@ -58,7 +62,7 @@ class BiasedSplitReport(L.Callback):
 
     def __init__(
         self,
-        splits: Sequence[str] = DEFAULT_SPLITS,
+        splits: Sequence[str] | None = None,
         class_names: Sequence[str] | None = None,
         spurious_class: int | None = 0,
         method: str = "input_x_gradient",
@@ -75,8 +79,16 @@ class BiasedSplitReport(L.Callback):
             raise ValueError(f"max_attr_samples must be None or >= 0, got {max_attr_samples!r}")
         if n_figures < 0:
             raise ValueError(f"n_figures must be >= 0, got {n_figures!r}")
+        if splits is not None:
+            split_names(splits, len(splits))  # names must be distinct non-empty strings
+        if spurious_class is not None and (isinstance(spurious_class, bool) or not isinstance(spurious_class, int)
+                                           or spurious_class < 0):
+            raise ValueError(f"BiasedSplitReport: spurious_class must be None or a class index >= 0, "
+                             f"got {spurious_class!r}")
+        if class_names is not None and (isinstance(class_names, str) or len(class_names) == 0):
+            raise ValueError(f"BiasedSplitReport: class_names must be a non-empty list of names, got {class_names!r}")
         self._keys = BatchKeys(batch_keys)
-        self.splits = tuple(splits)
+        self.splits = tuple(splits) if splits is not None else None
         self.class_names = list(class_names) if class_names else None
         self.spurious_class = spurious_class
         self.method, self.n_steps = method, n_steps
@@ -91,13 +103,29 @@ class BiasedSplitReport(L.Callback):
         self._fig_samples: dict[int, dict[str, Tensor]] = {}
 
     def _split(self, idx: int) -> str:
-        return self.splits[idx] if idx < len(self.splits) else f"split_{idx}"
+        return self._names[idx] if idx < len(self._names) else f"split_{idx}"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check ``spurious_class`` / ``class_names`` against a known class count before any epoch runs."""
+        for owner in (pl_module, getattr(trainer, "datamodule", None)):
+            n = getattr(owner, "num_classes", None)
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                self._check_classes(n)
+                return
+
+    def _check_classes(self, num_classes: int) -> None:
+        check_class_index(self.spurious_class, num_classes)
+        if self.class_names is not None and len(self.class_names) != num_classes:
+            raise ValueError(f"BiasedSplitReport: class_names has {len(self.class_names)} names "
+                             f"{self.class_names} but the data has {num_classes} classes")
 
     # ------------------------------------------------------------------ epoch start
     def _reset(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
         num = 1 if loaders is None else len(loaders) if isinstance(loaders, Sequence) else 1
-        self._names = tuple(self._split(i) for i in range(max(num, 1)))
+        dm = getattr(trainer, "datamodule", None)
+        data_names = getattr(dm, "split_names", None) if dm is not None else None
+        self._names = split_names(self.splits, max(num, 1), data_names, stage=stage)
         self._report, self._attr_seen, self._device = None, {}, pl_module.device
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -115,6 +143,7 @@ class BiasedSplitReport(L.Callback):
         with torch.no_grad():
             logits = pl_module(x)
         if self._report is None:
+            self._check_classes(logits.shape[1])
             self._report = SplitReport(logits.shape[1], self._names, device=self._device)
         split = min(dl_idx, len(self._names) - 1)
         self._report.update(logits, y, split)

@@ -18,6 +18,8 @@ _LAZY: dict[str, str] = {
     "CSVImageDataset": "folder",
     "DictTensorDataset": "folder",
     "ImageDataModule": "folder",
+    "check_same_size": "folder",
+    "collate_items": "folder",
     "IMAGENET_MEAN": "normalize",
     "IMAGENET_STD": "normalize",
     "denormalize": "normalize",

@@ -11,6 +11,7 @@ Bad data raises ``ValueError`` naming the file/row; nothing is silently dropped.
 from __future__ import annotations
 
 import csv
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ __all__ = [
     "DictTensorDataset",
     "ImageDataModule",
     "ImageFolderWithMasks",
+    "check_same_size",
+    "collate_items",
     "load_image",
     "load_mask",
 ]
@@ -99,6 +102,22 @@ def _image_hw(path: Path) -> tuple[int, int]:
         raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
 
 
+def check_same_size(samples: Sequence[tuple[Path, int, Path | None]], where: str) -> None:
+    """Without ``size=`` every image must have the same size (a batch stacks them): else ``ValueError`` naming
+    the sizes found, example files of each and the fix."""
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for path, _, _ in samples:
+        by_size.setdefault(_image_hw(path), []).append(str(path))
+    if len(by_size) > 1:
+        found = "; ".join(f"{h}x{w}: {len(v)} file(s), e.g. {v[:2]}" for (h, w), v in
+                          sorted(by_size.items(), key=lambda kv: -len(kv[1]))[:5])
+        common = max(by_size, key=lambda k: len(by_size[k]))
+        raise ValueError(
+            f"images in {where} have {len(by_size)} different sizes (H x W) and size=None: {found}. A batch needs "
+            f"one size: pass size=({common[0]}, {common[1]}) (or any (H, W)) to resize images and masks"
+        )
+
+
 class _FileDataset(Dataset):
     """Shared item logic: ``self.samples = [(image_path, label, mask_path | None)]``."""
 
@@ -132,7 +151,13 @@ class ImageFolderWithMasks(_FileDataset):
         masks_root: optional ``masks_root/<class>/<stem>.<ext>``; an image without a mask file gets an
             all-zero mask unless ``require_masks=True`` (then it is an error).
         class_names: the allowed classes in label order; a sub-directory not in it is an error.
-        size: resize images (bilinear) and masks (nearest) to ``size`` (int or ``(H, W)``).
+        size: resize images (bilinear) and masks (nearest) to ``size`` (int or ``(H, W)``). ``None``: every
+            image must have the same size (checked at construction; mixed sizes are an error naming them).
+        ignore_other_files: files that are not images (by extension, see ``IMAGE_EXTENSIONS``) in ``root`` or a
+            class folder are an error listing them unless True (then they are skipped with a warning). Hidden
+            files (``.DS_Store``, ...) are always ignored.
+
+    A class in ``class_names`` without a folder is an error (an empty class is never silently accepted).
     """
 
     def __init__(
@@ -143,6 +168,7 @@ class ImageFolderWithMasks(_FileDataset):
         class_names: Sequence[str] | None = None,
         size: int | Sequence[int] | None = None,
         require_masks: bool = False,
+        ignore_other_files: bool = False,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -163,12 +189,17 @@ class ImageFolderWithMasks(_FileDataset):
             raise ValueError(f"masks_root is not a directory: {str(mroot)!r}")
         self.samples = []
         missing: list[str] = []
+        absent = [c for c in self.classes if not (self.root / c).is_dir()]
+        if absent:
+            raise ValueError(f"class_names {absent} have no folder in {str(self.root)!r} (folders: {dirs})")
+        other = [str(f) for f in self.root.iterdir() if f.is_file() and not f.name.startswith(".")]
         for label, cls in enumerate(self.classes):
             cdir = self.root / cls
-            if not cdir.is_dir():
-                continue
             for f in sorted(cdir.iterdir()):
-                if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                if f.name.startswith("."):
+                    continue
+                if f.is_dir() or f.suffix.lower() not in IMAGE_EXTENSIONS:
+                    other.append(str(f))
                     continue
                 mask_path = None
                 if mroot is not None:
@@ -181,8 +212,16 @@ class ImageFolderWithMasks(_FileDataset):
                 self.samples.append((f, label, mask_path))
         if missing:
             raise ValueError(f"{len(missing)} mask file(s) missing (require_masks=True), e.g. {missing[:5]}")
+        if other:
+            msg = (f"{len(other)} file(s) or folder(s) under {str(self.root)!r} are not images with extensions "
+                   f"{IMAGE_EXTENSIONS} in a class folder, e.g. {sorted(other)[:5]}")
+            if not ignore_other_files:
+                raise ValueError(msg + "; remove them or pass ignore_other_files=True to skip them")
+            warnings.warn(msg + "; skipped (ignore_other_files=True)", stacklevel=2)
         if not self.samples:
             raise ValueError(f"no images with extensions {IMAGE_EXTENSIONS} found under {str(self.root)!r}")
+        if self.size is None:
+            check_same_size(self.samples, repr(str(self.root)))
 
 
 class CSVImageDataset(_FileDataset):
@@ -195,7 +234,8 @@ class CSVImageDataset(_FileDataset):
         class_names: allowed classes in label order; default: the sorted distinct labels (ints if all are ints,
             then ``class_names = ["0", ..., str(max)]``). A label outside ``class_names`` is an error.
         root: directory that relative paths are resolved against (default: the CSV's directory).
-        size: resize to ``size`` (int or ``(H, W)``).
+        size: resize to ``size`` (int or ``(H, W)``). ``None``: every image must have the same size (checked at
+            construction; mixed sizes are an error naming them and the fix).
 
     All image (and mask) files must exist at construction; missing ones raise ``ValueError`` listing rows.
     """
@@ -263,6 +303,8 @@ class CSVImageDataset(_FileDataset):
             )
         if missing:
             raise ValueError(f"{len(missing)} file(s) listed in {str(path)!r} do not exist (line, path): {missing[:5]}")
+        if self.size is None:
+            check_same_size(self.samples, repr(str(path)))
 
 
 class DictTensorDataset(Dataset):
@@ -318,9 +360,31 @@ class _Augmented(Dataset):
         return item
 
 
+def collate_items(items: list[Any]) -> Any:
+    """``default_collate`` that turns a size mismatch into a ``ValueError`` naming the items and their shapes."""
+    from torch.utils.data import default_collate
+
+    try:
+        return default_collate(items)
+    except RuntimeError as e:
+        shapes = []
+        for i, it in enumerate(items):
+            img = it.get("image") if isinstance(it, Mapping) else it[0] if isinstance(it, Sequence) else it
+            idx = it.get("index", i) if isinstance(it, Mapping) else i
+            shapes.append((idx, tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__))
+        if len({s for _, s in shapes}) <= 1:
+            raise
+        raise ValueError(
+            f"cannot batch items of different shapes (index, image shape): {shapes[:8]}; every image of a dataset "
+            "must have one size: resize them (e.g. ImageFolderWithMasks/CSVImageDataset size=(H, W), or a resize "
+            "in your dataset)"
+        ) from e
+
+
 def _loader(ds: Dataset, batch_size: int, num_workers: int, shuffle: bool) -> DataLoader:
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, persistent_workers=num_workers > 0
+        ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, persistent_workers=num_workers > 0,
+        collate_fn=collate_items,
     )
 
 

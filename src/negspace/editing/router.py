@@ -31,7 +31,8 @@ class VirtualNeuronRouter(PersistentEdit):
     ``c_i(p) = Σ_j W_k[i, j] · U[i, j, p]`` (so ``z_k(p) = Σ_i c_i(p) + b_k``):
 
     * ``mode="sample"`` (default, the paper's test-time rule): the sample's circuit
-      ``Σ_p r(p) c(p)`` (``r`` = gradient of ``reduce``, e.g. one-hot at the argmax of ``z_k`` for ``"max"``)
+      ``Σ_p r(p) c(p)`` (``r`` = the circuit seed ``vn.reduce``: ``ReLU(z_k)`` for the default ``"relu"``,
+      one-hot at the argmax of ``z_k`` for ``"max"``)
       is exactly the circuit used for fitting; the sample goes to the nearest centroid ``j`` and the whole
       output map of channel ``k`` (bias included) is multiplied by ``scales[k][j]``;
     * ``mode="position"``: each position ``p`` is assigned by its own normalised ``c(p)`` and ``z_k(p)`` is

@@ -17,6 +17,8 @@ _LAZY: dict[str, str] = {
     "figure_samples": "report",
     "flatten_result": "report",
     "format_table": "report",
+    "split_names": "report",
+    "check_class_index": "report",
     "target_and_other_attributions": "report",
     "unflatten_result": "report",
 }

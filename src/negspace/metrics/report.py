@@ -17,9 +17,11 @@ from negspace.priors.targets import target_and_other
 
 __all__ = [
     "SplitReport",
+    "check_class_index",
     "figure_samples",
     "flatten_result",
     "format_table",
+    "split_names",
     "target_and_other_attributions",
     "unflatten_result",
 ]
@@ -70,6 +72,48 @@ def format_table(
             cells.append(_fmt(None if v is None else float(v), None if s is None else float(s)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def split_names(
+    splits: Sequence[str] | None, num_loaders: int, data_names: Sequence[str] | None = None, *, stage: str = "val",
+    who: str = "BiasedSplitReport",
+) -> tuple[str, ...]:
+    """Names of ``num_loaders`` evaluation dataloaders, by ``dataloader_idx``.
+
+    ``splits`` (explicit) wins and must have exactly ``num_loaders`` distinct names; else the data module's
+    ``split_names`` (``data_names``) when their count matches; else a single loader is called ``stage``. Several
+    loaders without names are an error (a name is never guessed: a plain validation loader is not "train_bias").
+    """
+    if splits is not None:
+        if isinstance(splits, str) or not all(isinstance(s, str) and s for s in splits):
+            raise ValueError(f"{who}: splits must be a list of non-empty names, got {splits!r}")
+        names = tuple(splits)
+        if len(set(names)) != len(names):
+            raise ValueError(f"{who}: splits must be distinct, got {list(names)}")
+        if len(names) != num_loaders:
+            raise ValueError(
+                f"{who}: splits={list(names)} names {len(names)} dataloader(s) but the {stage} stage has "
+                f"{num_loaders}; pass one name per dataloader (or splits=None to take the data module's split_names)"
+            )
+        return names
+    if data_names is not None and len(tuple(data_names)) == num_loaders and num_loaders:
+        return tuple(str(n) for n in data_names)
+    if num_loaders == 1:
+        return (stage,)
+    got = "" if data_names is None else f" (the data module's split_names {list(data_names)} do not match)"
+    raise ValueError(
+        f"{who}: the {stage} stage has {num_loaders} dataloaders but no split names{got}; pass splits=[...] with "
+        f"{num_loaders} names, or give the data module a split_names attribute"
+    )
+
+
+def check_class_index(value: int | None, num_classes: int, name: str = "spurious_class",
+                      who: str = "BiasedSplitReport") -> None:
+    """``value`` must be None or an int in ``[0, num_classes)``."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_classes:
+        raise ValueError(f"{who}: {name} must be None or a class index in [0, {num_classes}), got {value!r}")
 
 
 def target_and_other_attributions(

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from negspace.batch import images_of
 from negspace.batch import unpack_batch as _unpack
-from negspace.metrics.group import DEFAULT_SPLITS
+from negspace.metrics.report import split_names
 from negspace.modules.finetune import (
     backbone_modules,
     find_head,
@@ -62,7 +62,9 @@ class ClassifierModule(L.LightningModule):
         pretrained: load timm/torchvision published weights (needs network or a local cache).
         in_chans: input channels.
         checkpoint: deprecated name of ``weights``.
-        splits: names of the validation/test dataloaders, by ``dataloader_idx``.
+        splits: names of the validation/test dataloaders, by ``dataloader_idx`` (one per loader). ``None``: the
+            data module's ``split_names``; a single unnamed loader is ``"val"``/``"test"``; several unnamed
+            loaders are an error (see :func:`negspace.metrics.split_names`).
         optimizer: ``"sgd"`` (with ``momentum``), ``"adam"`` or ``"adamw"``. A top-level ``optimizer:`` section
             of the ``negspace`` CLI replaces it (the parameter groups below are kept).
         momentum: SGD momentum.
@@ -102,7 +104,7 @@ class ClassifierModule(L.LightningModule):
         pretrained: bool = False,
         in_chans: int = 3,
         checkpoint: str | None = None,
-        splits: Sequence[str] = DEFAULT_SPLITS,
+        splits: Sequence[str] | None = None,
         optimizer: str = "adam",
         *,
         momentum: float = 0.9,
@@ -152,7 +154,10 @@ class ClassifierModule(L.LightningModule):
                 f"which was not found (tried get_classifier() and {['fc', 'classifier', 'head', 'heads']}); pass head="
             )
         self.num_classes, self.loss_name, self.lr, self.weight_decay = num_classes, loss, lr, weight_decay
-        self.splits, self.optimizer_name, self.momentum = tuple(splits), optimizer, momentum
+        if splits is not None:
+            split_names(splits, len(splits), who="ClassifierModule")  # distinct non-empty names
+        self.splits = tuple(splits) if splits is not None else None
+        self.optimizer_name, self.momentum = optimizer, momentum
         self.backbone_lr_mult, self.freeze_backbone_epochs = float(backbone_lr_mult), freeze_backbone_epochs
         self.label_smoothing, self.schedule = float(label_smoothing), schedule
         self.warmup_epochs, self.min_lr_ratio = float(warmup_epochs), float(min_lr_ratio)
@@ -237,8 +242,16 @@ class ClassifierModule(L.LightningModule):
             target = target * (1.0 - self.label_smoothing) + self.label_smoothing / self.num_classes
         return F.binary_cross_entropy_with_logits(logits, target)
 
-    def _split_name(self, dataloader_idx: int) -> str:
-        return self.splits[dataloader_idx] if dataloader_idx < len(self.splits) else f"split_{dataloader_idx}"
+    def _split_name(self, stage: str, dataloader_idx: int) -> str:
+        trainer = self._trainer
+        if trainer is None:
+            return self.splits[dataloader_idx] if self.splits and dataloader_idx < len(self.splits) else stage
+        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        num = len(loaders) if isinstance(loaders, Sequence) else 1
+        dm = getattr(trainer, "datamodule", None)
+        names = split_names(self.splits, max(num, 1), getattr(dm, "split_names", None), stage=stage,
+                            who="ClassifierModule")
+        return names[dataloader_idx]
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = unpack_batch(batch)
@@ -254,7 +267,7 @@ class ClassifierModule(L.LightningModule):
         logits = self(x)
         loss = self.compute_loss(logits, y)
         acc = (logits.argmax(1) == y).float().mean()
-        name = self._split_name(dataloader_idx)
+        name = self._split_name(stage, dataloader_idx)
         kw = {"batch_size": y.shape[0], "add_dataloader_idx": False, "sync_dist": True}
         self.log(f"{stage}/{name}/loss", loss, **kw)
         self.log(f"{stage}/{name}/acc", acc, prog_bar=True, **kw)

@@ -240,9 +240,9 @@ def plan_step(
         return "capture", None
     why = None
     if capture and explicit and isinstance(target, nn.Module):  # only autocast stops a requested capture
-        why = ("autocast", "the shared forward falls back to a separate full-precision forward of the whole batch "
-               "under autocast (same BatchNorm statistics as the training forward); pass allow_autocast=True to "
-               "differentiate the training forward itself")
+        why = ("autocast", "the shared forward falls back to a separate full-precision pass under autocast (with "
+               "the training forward's BatchNorm statistics); pass allow_autocast=True to differentiate the "
+               "training forward itself")
     return ("full" if coupled else "masked"), why
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from negspace.batch import Data
@@ -39,24 +38,6 @@ __all__ = [
 ]
 
 
-def _clip_preprocess(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """Resize to the model's image size and normalise with its mean/std (open_clip ``preprocess_cfg``)."""
-    cfg = getattr(getattr(model, "visual", None), "preprocess_cfg", None) or {}
-    size = cfg.get("size", getattr(getattr(model, "visual", None), "image_size", None))
-    mean, std = cfg.get("mean"), cfg.get("std")
-
-    def prep(x: Tensor) -> Tensor:
-        if size is not None:
-            hw = (size, size) if isinstance(size, int) else tuple(size)
-            if tuple(x.shape[-2:]) != hw:
-                x = F.interpolate(x, size=hw, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        if mean is not None and std is not None:
-            x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-        return x
-
-    return prep
-
-
 def _encoder(encoder: nn.Module | str, pretrained: str | None) -> nn.Module:
     from negspace.models.clip import load_clip
 
@@ -71,21 +52,22 @@ def embed(
     images: Tensor,
     encoder: nn.Module | str = "ViT-B-32",
     *,
-    pretrained: str | None = None,
+    pretrained: str | None = "default",
     preprocess: Callable[[Tensor], Tensor] | str | None = "auto",
     batch_size: int = 64,
 ) -> Tensor:
     """L2-normalised image embeddings ``(N, E)`` of ``images (N, 3, H, W)`` in ``[0, 1]``.
 
     ``encoder``: a model with ``encode_image`` (e.g. from :func:`negspace.models.clip.load_clip`) or an
-    open_clip name loaded with ``load_clip(encoder, pretrained)`` (random weights unless ``pretrained``).
+    open_clip name loaded with ``load_clip(encoder, pretrained)``: ``"default"`` = the model's pretrained tag from
+    the local cache (a clear error when missing); random weights only with an explicit ``pretrained=None``.
     ``preprocess="auto"`` resizes to the model's image size and applies its mean/std; ``None`` = as is.
     """
-    from negspace.models.clip import encode_images
+    from negspace.models.clip import clip_preprocess, encode_images
 
     encoder = _encoder(encoder, pretrained)
     if preprocess == "auto":
-        preprocess = _clip_preprocess(encoder)
+        preprocess = clip_preprocess(encoder)
     elif preprocess is not None and not callable(preprocess):
         raise TypeError(f"preprocess must be 'auto', None or a callable, got {preprocess!r}")
     x = images.detach().float().cpu()
@@ -202,7 +184,7 @@ def evaluate_virtual_neurons(
     data: Data,
     *,
     encoder: nn.Module | str | None = None,
-    pretrained: str | None = None,
+    pretrained: str | None = "default",
     max_neurons: int = 8,
     kernel_size: int = 5,
     threshold: float = 0.01,
