@@ -39,7 +39,6 @@ OWNED_ELSEWHERE: dict[str, str] = {
     "pure.md": "PURE owner",
     "tension.md": "tension owner",
     "priors.md": "priors owner",
-    "editing.md": "ChannelEdit owner",
 }
 
 

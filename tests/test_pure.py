@@ -480,10 +480,22 @@ def test_callback_fits_logs_saves_figures_and_edits(toy, tmp_path):
     state = cb.state_dict()
     path = tmp_path / "cb.pt"
     torch.save(state, path)
-    cb2 = VirtualNeuronsCallback("net.upper", "net.act", [0], k=2, n_ref=N_A + N_B)
+    edit = {"neuron": 0, "virtual": j_a, "scale": 0.0}
+    cb2 = VirtualNeuronsCallback("net.upper", "net.act", [0], k=2, n_ref=N_A + N_B, edit=edit)
     cb2.load_state_dict(torch.load(path, weights_only=True))
     assert cb2.router is not None and repr(cb2.router) == repr(cb.router)
     torch.testing.assert_close(cb2.result.centroids[0], cb.result.centroids[0])
+    # a checkpoint holding another edit is never adopted silently (issue 14): an error, or an explicit adoption
+    other = VirtualNeuronsCallback("net.upper", "net.act", [0], k=2, n_ref=N_A + N_B,
+                                   edit={"neuron": 0, "virtual": 1 - j_a, "scale": 0.0})
+    with pytest.raises(ValueError, match=r"checkpoint holds the edit VirtualNeuronRouter.*adopt_checkpoint=True"):
+        other.load_state_dict(torch.load(path, weights_only=True))
+    unedited = VirtualNeuronsCallback("net.upper", "net.act", [0], k=2, n_ref=N_A + N_B)
+    with pytest.raises(ValueError, match=r"configured with edit=None"):
+        unedited.load_state_dict(torch.load(path, weights_only=True))
+    adopt = VirtualNeuronsCallback("net.upper", "net.act", [0], k=2, n_ref=N_A + N_B, adopt_checkpoint=True)
+    adopt.load_state_dict(torch.load(path, weights_only=True))
+    assert repr(adopt.router) == repr(cb.router)
 
 
 def test_callback_every_n_epochs_routes_later_validation(toy, tmp_path):

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["demo_parser", "main", "run_cli"]
+__all__ = ["check_class_paths", "class_path_error", "demo_parser", "main", "run_cli"]
 
 DESCRIPTION = """negspace: mechanistic-interpretability methods inside PyTorch Lightning loops.
 
@@ -85,8 +85,15 @@ def _run_demo(argv: Sequence[str]) -> dict[str, Any]:
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Console-script entry point (returns ``None`` so that ``sys.exit(main())`` exits with 0)."""
-    run_cli(args)
+    """Console-script entry point (returns ``None`` so that ``sys.exit(main())`` exits with 0). A recipe error
+    found before LightningCLI runs (e.g. a misspelt ``class_path``) exits with status 2 and the message."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if not (argv and argv[0] == "demo"):
+        try:
+            check_class_paths(argv)
+        except ValueError as e:
+            sys.exit(f"negspace: error: {e}")
+    run_cli(argv)
 
 
 def run_cli(args: Sequence[str] | None = None) -> Any:
@@ -97,6 +104,7 @@ def run_cli(args: Sequence[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "demo":
         return _run_demo(argv[1:])
+    check_class_paths(argv)
     from lightning.pytorch import LightningDataModule
 
     from negspace.modules.classifier import ClassifierModule
@@ -109,6 +117,82 @@ def run_cli(args: Sequence[str] | None = None) -> Any:
         parser_kwargs={"description": DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter},
         save_config_kwargs={"overwrite": True},
     )
+
+
+def _class_paths(node: Any) -> list[str]:
+    """Every ``class_path`` string in a parsed YAML tree."""
+    if isinstance(node, dict):
+        found = [node["class_path"]] if isinstance(node.get("class_path"), str) else []
+        return found + [p for v in node.values() for p in _class_paths(v)]
+    if isinstance(node, list):
+        return [p for v in node for p in _class_paths(v)]
+    return []
+
+
+def class_path_error(path: str) -> str | None:
+    """``None`` if ``path`` (``"pkg.module.Class"``) names an importable class, else a message saying what does
+    not exist and which names close to it do."""
+    import difflib
+    import importlib
+
+    if "." not in path:
+        return None  # a short name: LightningCLI resolves it among the registered subclasses
+    module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        if not getattr(e, "name", None) or not module_name.startswith(e.name):
+            return None  # the module exists but one of its own imports fails: LightningCLI reports it
+        parent, _, leaf = module_name.rpartition(".")
+        close: list[str] = []
+        if parent:
+            try:
+                import pkgutil
+
+                pkg = importlib.import_module(parent)
+                subs = [m.name for m in pkgutil.iter_modules(getattr(pkg, "__path__", []))]
+                close = [f"{parent}.{n}" for n in difflib.get_close_matches(leaf, subs, n=5)]
+            except ImportError:
+                pass
+        return f"class_path {path!r}: module {module_name!r} does not exist" + (
+            f"; close names: {close}" if close else "")
+    if hasattr(module, attr):
+        return None
+    names = [n for n in dir(module) if not n.startswith("_")]
+    close = difflib.get_close_matches(attr, names, n=5, cutoff=0.5)
+    public = getattr(module, "__all__", None)
+    hint = f"; close names: {[f'{module_name}.{n}' for n in close]}" if close else (
+        f"; it defines {sorted(public)}" if public else "")
+    return f"class_path {path!r}: {module_name!r} has no class {attr!r}{hint}"
+
+
+def check_class_paths(argv: Sequence[str]) -> None:
+    """Before LightningCLI parses: every ``class_path`` of the ``--config`` files and of ``--*.class_path``
+    arguments must name an existing class, else ``ValueError`` saying which does not exist, with close names
+    (LightningCLI would only say "Not a valid subclass of Callback")."""
+    import yaml
+
+    paths: list[str] = []
+    for i, a in enumerate(argv):
+        value = None
+        if a.startswith("--config="):
+            value = a.split("=", 1)[1]
+        elif a in ("--config", "-c") and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value is not None:
+            from pathlib import Path
+
+            p = Path(value)
+            tree = yaml.safe_load(p.read_text()) if p.is_file() else yaml.safe_load(value)
+            paths += _class_paths(tree)
+        elif a.endswith("class_path") and i + 1 < len(argv) and a.startswith("--"):
+            paths.append(argv[i + 1])
+        elif a.startswith("--") and "class_path=" in a:
+            paths.append(a.split("=", 1)[1])
+    for path in paths:
+        msg = class_path_error(path)
+        if msg is not None:
+            raise ValueError(msg)
 
 
 def fill_normalize(model: Any, datamodule: Any) -> Any:

@@ -17,6 +17,7 @@ __all__ = [
     "channels_last",
     "ei_split",
     "hoyer",
+    "mask_like",
     "num_channels",
     "reduce_positions",
     "relative_mass_in_mask",
@@ -125,6 +126,21 @@ def hoyer(t: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     return (math.sqrt(n) - l1 / l2) / (math.sqrt(n) - 1)
 
 
+def mask_like(mask: Tensor, like: Tensor, name: str = "mask") -> Tensor:
+    """``mask (B, 1, H, W)`` or ``(B, H, W)`` checked against ``like (B, C, H, W)`` → ``(B, 1, H, W)``.
+
+    Raises ``TypeError`` for a non-tensor and ``ValueError`` naming both shapes for any other shape (a mask is
+    never silently broadcast over the batch or resized)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a Tensor (B, 1, H, W), got {type(mask).__name__}")
+    m = mask.unsqueeze(1) if mask.dim() == like.dim() - 1 else mask
+    want = (like.shape[0], 1, *like.shape[2:])
+    if m.dim() != like.dim() or m.shape[0] != like.shape[0] or m.shape[1] != 1 or m.shape[2:] != like.shape[2:]:
+        raise ValueError(f"{name} must have shape {want} (or {(want[0], *want[2:])}) to match {tuple(like.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    return m
+
+
 def relative_mass_in_mask(attributions: Tensor, mask: Tensor, eps: float = 1e-12) -> Tensor:
     """Share of absolute attribution inside the mask: ``Σ|A·P| / Σ|A|`` per sample.
 
@@ -132,8 +148,6 @@ def relative_mass_in_mask(attributions: Tensor, mask: Tensor, eps: float = 1e-12
     Table 2 "Attr." column). Samples with zero attribution give 0.
     """
     a = attributions.abs()
-    m = mask.to(a.dtype)
-    if m.dim() == a.dim() - 1:
-        m = m.unsqueeze(1)
+    m = mask_like(mask, attributions).to(a.dtype)
     inside = (a * m).flatten(1).sum(1)
     return inside / a.flatten(1).sum(1).clamp_min(eps)

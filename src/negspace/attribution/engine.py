@@ -49,6 +49,11 @@ def model_output(model: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
             f"the model returned {type(out).__name__}, not a logits Tensor; wrap it, e.g. "
             "`lambda x: model(x)['logits']` (callbacks take forward=...)"
         )
+    if out.dim() == 0 or out.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"the model returned outputs of shape {tuple(out.shape)} for a batch of {x.shape[0]} inputs "
+            f"{tuple(x.shape)}; the first output dimension must be the batch (B, num_classes)"
+        )
     return out
 
 

@@ -151,6 +151,16 @@ class AnalysisCallback(Callback, abc.ABC):
         self.dataloader_idx = dataloader_idx
         self.save_dir = save_dir
 
+    # ------------------------------------------------------------------------------------------ early checks
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fail before training when ``forward=`` names no submodule (the error lists close names)."""
+        self.network(pl_module)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fail at the first validation (the sanity check, when enabled) when ``dataloader_idx`` has no loader."""
+        if trainer.state.fn == "fit":
+            self.val_loader(trainer)
+
     # ------------------------------------------------------------------------------------------ schedule
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.every_n_epochs is None or trainer.sanity_checking:

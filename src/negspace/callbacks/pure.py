@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from negspace import plots
@@ -71,8 +72,11 @@ class VirtualNeurons(AnalysisCallback):
             active during validation/test/predict after fitting (``edit_mode``: ``"sample"`` or ``"position"``).
         make_permanent: at the end of fit, bake the router into the network in place (``negspace.editing.bake``:
             the routed layer becomes a ``RoutedLayer``/``RoutedBlock``, which adds state-dict keys; warns).
+        adopt_checkpoint: a checkpoint whose router differs from ``edit``/``edit_mode`` is an error (naming both)
+            unless this is ``True``, which takes the checkpoint's router explicitly.
         encoder: ``None`` (no embedding scores), an open_clip name (``"ViT-B-32"``, ``"tiny"``) loaded with
-            ``pretrained``, or a module with ``encode_image``: logs the CLIP inter/intra scores of PURE vs
+            ``pretrained`` (``"default"``: the model's pretrained tag from the local cache, a clear error when
+            missing; ``None``: random weights, tests only), or a module with ``encode_image``: logs the CLIP inter/intra scores of PURE vs
             activation clustering and the distance correlations.
         figures: log a figure per reported neuron (rows: virtual neurons, columns: cropped references).
         max_report: neurons (the first ones) that get CLIP scores and figures.
@@ -102,8 +106,9 @@ class VirtualNeurons(AnalysisCallback):
         edit: Mapping | Sequence[Mapping] | None = None,
         edit_mode: str = "sample",
         make_permanent: bool = False,
+        adopt_checkpoint: bool = False,
         encoder: Any = None,
-        pretrained: str | None = None,
+        pretrained: str | None = "default",
         crop_kernel: int = 5,
         crop_threshold: float = 0.01,
         figures: bool = True,
@@ -139,6 +144,7 @@ class VirtualNeurons(AnalysisCallback):
         self.neurons = None if sel is None else sel.tolist()
         self.k, self.n_ref, self.k_range, self.reduce, self.fast = k, n_ref, k_range, reduce, fast
         self.edits, self.edit_mode = _as_edits(edit), edit_mode
+        self.adopt_checkpoint = bool(adopt_checkpoint)
         self.encoder, self.pretrained = encoder, pretrained
         self.crop_kernel, self.crop_threshold = crop_kernel, crop_threshold
         self.figures, self.n_show, self.max_report = figures, n_show, max_report
@@ -243,5 +249,22 @@ class VirtualNeurons(AnalysisCallback):
         self.result = VirtualNeuronSet.from_state_dict(state_dict["virtual_neurons"])
         self.scores = dict(state_dict.get("scores", {}))
         if "router" in state_dict:
+            saved = VirtualNeuronRouter.from_state_dict(state_dict["router"])
+            if not self.adopt_checkpoint:
+                _check_same_router(saved, self.edits, self.edit_mode)
             self._remove_router()
-            self.router = VirtualNeuronRouter.from_state_dict(state_dict["router"])
+            self.router = saved
+
+
+def _check_same_router(saved: VirtualNeuronRouter, edits: dict[int, dict[int, float]], mode: str) -> None:
+    """A checkpoint's router must be the configured one; never adopt another edit silently."""
+    configured = VirtualNeuronRouter(saved.vn, edits, mode=mode) if edits else None
+    same = configured is not None and configured.mode == saved.mode and set(configured.scales) == set(saved.scales) and all(
+        torch.equal(configured.scales[k], saved.scales[k]) for k in saved.scales
+    )
+    if not same:
+        raise ValueError(
+            f"VirtualNeurons: the checkpoint holds the edit {saved!r}, but this callback is configured with "
+            f"edit={edits or None!r}, edit_mode={mode!r}. Pass the checkpoint's edit, or adopt_checkpoint=True to use "
+            "the checkpoint's router explicitly"
+        )

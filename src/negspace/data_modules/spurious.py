@@ -47,8 +47,9 @@ SPLITS: tuple[str, ...] = ("train_bias", "inverse_bias", "no_bias")
 def read_item(dataset: Dataset, index: int) -> tuple[Tensor, int, Tensor | None]:
     """``(image (C, H, W), label, mask (1, H, W) | None)`` of a tuple ``(image, label[, mask])`` or dict item.
 
-    Raises ``ValueError`` for a non-float image, values outside [0, 1] or non-finite, a non-int label, or a
-    mask whose size differs from the image's.
+    Raises ``ValueError`` for a non-float image, an image that looks channels-last (``(H, W, C)`` with more than
+    4 leading entries and 1, 3 or 4 trailing ones: it is never transposed silently), values outside [0, 1] or
+    non-finite, a non-int label, or a mask whose size differs from the image's.
     """
     item = dataset[index]
     if isinstance(item, Mapping):
@@ -63,6 +64,11 @@ def read_item(dataset: Dataset, index: int) -> tuple[Tensor, int, Tensor | None]
     if not isinstance(image, Tensor) or image.dim() != 3 or not image.is_floating_point():
         desc = f"{type(image).__name__} {tuple(image.shape)} {image.dtype}" if isinstance(image, Tensor) else type(image).__name__
         raise ValueError(f"dataset item {index}: image must be a float tensor (C, H, W) in [0, 1], got {desc}")
+    if image.shape[0] > 4 and image.shape[-1] in (1, 3, 4):
+        raise ValueError(
+            f"dataset item {index}: image has shape {tuple(image.shape)}, which looks like (H, W, C); images must be "
+            f"(C, H, W) (the layout is never guessed): convert with image.permute(2, 0, 1)"
+        )
     if not bool(torch.isfinite(image).all()) or float(image.min()) < 0.0 or float(image.max()) > 1.0:
         raise ValueError(
             f"dataset item {index}: image values must be finite and in [0, 1], got "

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from negspace.attribution import relative_mass_in_mask
+from negspace.reduce import mask_like, relative_mass_in_mask
 
 __all__ = ["DEFAULT_SPLITS", "AttributionInMask", "GroupAccuracy"]
 
@@ -88,7 +88,10 @@ class GroupAccuracy(Metric):
     def update(self, preds: Tensor, target: Tensor, split: int | str = 0, group: Tensor | None = None) -> None:
         """Add a batch: ``preds (B, C)`` logits or ``(B,)`` indices, ``target (B,)``, ``group (B,)``."""
         i = _split_index(split, self.splits)
-        target = torch.as_tensor(target, device=self.correct.device).long().flatten()
+        target = torch.as_tensor(target, device=self.correct.device).flatten()
+        if target.is_floating_point() and not bool((target == target.round()).all()):
+            raise ValueError(f"target must hold integer class indices, got non-integer values {target[:5].tolist()}")
+        target = target.long()
         if preds.dim() == 2:
             if preds.shape[1] != self.num_classes:
                 raise ValueError(
@@ -180,13 +183,7 @@ class AttributionInMask(Metric):
         i = _split_index(split, self.splits)
         if attributions.dim() < 2:
             raise ValueError(f"attributions must be (B, C, H, W), got shape {tuple(attributions.shape)}")
-        mask = mask.to(attributions.device)
-        if mask.dim() == attributions.dim() - 1:
-            mask = mask.unsqueeze(1)
-        if mask.shape[0] != attributions.shape[0]:
-            raise ValueError(
-                f"mask must have the batch size of attributions ({attributions.shape[0]}), got {tuple(mask.shape)}"
-            )
+        mask = mask_like(mask, attributions).to(attributions.device)
         has = mask.flatten(1).amax(1) > 0
         if not has.any():
             return

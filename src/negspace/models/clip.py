@@ -214,15 +214,18 @@ def load_clip(
 
 def clip_preprocess(model: nn.Module) -> Callable[[Tensor], Tensor]:
     """Tensor preprocessing of an open_clip model: images ``(N, 3, H, W)`` in ``[0, 1]`` are resized (bicubic) to
-    the model's image size and normalised with its mean/std (``model.visual.preprocess_cfg``)."""
+    the model's image size and normalised with its mean/std (``model.visual.preprocess_cfg``). A model without
+    such a config (a custom encoder) gets the images as they are."""
     visual = getattr(model, "visual", None)
     cfg = getattr(visual, "preprocess_cfg", None) or {}
     size = cfg.get("size", getattr(visual, "image_size", None))
     mean, std = cfg.get("mean"), cfg.get("std")
 
     def prep(x: Tensor) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"images must be RGB (N, 3, H, W) in [0, 1] for CLIP, got {tuple(x.shape)}")
+        if x.ndim != 4:
+            raise ValueError(f"images must be (N, C, H, W) in [0, 1], got {tuple(x.shape)}")
+        if mean is not None and x.shape[1] != len(mean):
+            raise ValueError(f"images must be RGB (N, {len(mean)}, H, W) in [0, 1] for this CLIP model, got {tuple(x.shape)}")
         if size is not None:
             hw = (size, size) if isinstance(size, int) else tuple(size)
             if tuple(x.shape[-2:]) != hw:
