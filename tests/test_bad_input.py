@@ -373,6 +373,17 @@ CALLBACKS = [
     Case("analysis/forward-not-str", lambda t: _cb("CodecModes", "1", forward=nn.Linear(1, 1)), TypeError,
          r"forward must be a dotted submodule name or None, got Linear"),
     Case("analysis/root-deprecated", lambda t: _deprecated_root(), OK),
+    Case("analysis/forward-unknown-before-training", lambda t: _fit_counting(
+        t, _cb("TensionReport", "1", [0], forward="nett", every_n_epochs=None)), ValueError,
+         r"layer 'nett' does not exist in _Tiny. Closest matches: \['net', "),
+    Case("analysis/dataloader_idx-missing-loader", lambda t: _fit_counting(
+        t, _cb("TensionReport", "net.1", [0], forward=None, every_n_epochs=None, dataloader_idx=2)), ValueError,
+         r"TensionReport: dataloader_idx=2 but there is one validation loader"),
+    Case("report/batch_keys-missing-key", lambda t: _report_validate(
+        t, _cb("BiasedSplitReport", batch_keys={"image": "img"}, n_figures=0), _loader(mask=True)),
+         ValueError, r"BiasedSplitReport: the batch has no image under key 'img' \(batch keys: \['image', 'label', 'mask'\]\)"),
+    Case("prior/batch-without-mask-first-batch", lambda t: _fit_counting(t, _cb("AttributionPrior", lam=1.0)),
+         ValueError, r"AttributionPrior: the batch has no mask at position 2 of a 2-element batch; pass batch_keys="),
     Case("codec/method", lambda t: _cb("CodecModes", "1", method="bogus"), ValueError, r"method .*'bogus'",
          xfail="CODEC owner: CodecModes(method='bogus') is accepted in __init__; check it there (fails only at fit end)"),
     Case("codec/target", lambda t: _cb("CodecModes", "1", target="bogus"), ValueError,
@@ -403,6 +414,21 @@ CALLBACKS = [
     Case("edit/negative-channel", lambda t: _cb("ChannelEdit", {"1": [-1]}), ValueError,
          r"channels for layer '1' must be non-negative, got \[-1\]"),
 ]
+
+
+def _fit_counting(tmp, cb):
+    """Fit 2 epochs; the callback's error must come before the second training batch."""
+    seen = []
+
+    class _Count(L.Callback):
+        def on_train_batch_end(self, *a, **k):
+            seen.append(1)
+
+    try:
+        _trainer(tmp, [cb, _Count()], max_epochs=2, limit_train_batches=2, limit_val_batches=1).fit(
+            _Tiny(), _loader(), _loader())
+    finally:
+        assert len(seen) <= 1, f"the error came after {len(seen)} training batches"
 
 
 def _deprecated_root():
@@ -486,11 +512,28 @@ CHECKPOINTS = [
     Case("module/splits-count", lambda t: _trainer(t, []).validate(_classifier(model=_net(), splits=["a", "b"]),
                                                                   dataloaders=_loader(), verbose=False),
          ValueError, r"splits=\['a', 'b'\] names 2 dataloader\(s\) but the val stage has 1"),
+    Case("module/num-classes-1", lambda t: _classifier(num_classes=1), ValueError,
+         r"num_classes must be an int >= 2 \(one logit per class\), got 1"),
+    Case("module/model-outputs-other-num-classes", lambda t: _fit_classifier(t, outputs=10), ValueError,
+         r"the model must return logits \(B, num_classes\) = \(4, 2\), got \(4, 10\); set num_classes"),
+    Case("module/label-out-of-range", lambda t: _fit_classifier(t, k=3), ValueError,
+         r"labels must be in \[0, num_classes=2\), got values in \[0, 2\]"),
+    Case("module/float-labels", lambda t: _fit_classifier(t, float_labels=True), ValueError,
+         r"labels must be integer class indices \(B,\), got torch.float32 \(4,\)"),
+    Case("module/model-not-module", lambda t: _classifier(model=42), TypeError,
+         r"model must be a model name \(str\) or an nn.Module, got int"),
     Case("module/batch-without-label", lambda t: _trainer(t, []).validate(
         _classifier(model=_net()), dataloaders=DataLoader(torch.rand(4, 3, 8, 8), batch_size=2), verbose=False),
          ValueError,
          r"ClassifierModule: the batch has no label \(got a Tensor\); pass batch_keys="),
 ]
+
+def _fit_classifier(tmp, outputs=2, k=2, float_labels=False):
+    x, y = torch.rand(8, 3, 8, 8), torch.arange(8) % k
+    data = DataLoader(TensorDataset(x, y.float() if float_labels else y), batch_size=4)
+    module = _classifier(model=nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, outputs)), num_classes=2)
+    _trainer(tmp, [], max_epochs=1).fit(module, data)
+
 
 # --------------------------------------------------------------------------------------------------- data modules
 
@@ -706,8 +749,8 @@ FOLDERS = [
          r"labels must be >= 0, got -1"),
     Case("csv/mixed-sizes", lambda t: _png(t / "x.png") and _png(t / "y.png", (9, 9)) and _csvds(
         _csv(t, ["x.png,0,", "y.png,1,"])), ValueError, r"2 different sizes .*size=None.*pass size="),
-    Case("csv/grey-image-read-as-rgb", lambda t: _png(t / "x.png", mode="L") and _csvds(
-        _csv(t, ["x.png,0,"]))[0]["image"].shape == (3, 8, 8) or pytest.fail("grey must read as (3, H, W)"), OK),
+    Case("csv/grey-image-read-as-rgb", lambda t: (_png(t / "x.png", mode="L") and _csvds(
+        _csv(t, ["x.png,0,"]))[0]["image"].shape == (3, 8, 8)) or pytest.fail("grey must read as (3, H, W)"), OK),
 ]
 
 # ------------------------------------------------------------------------------------------------------------ CLI

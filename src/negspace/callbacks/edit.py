@@ -76,34 +76,6 @@ def bake_at_fit_end(
     return net
 
 
-def _same_value(a: object, b: object) -> bool:
-    a, b = (0.0 if v == "zero" else v for v in (a, b))
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        t = {k: torch.as_tensor(v).detach().cpu().double() for k, v in a.items()}
-        return set(t) == set(b) and all(torch.equal(t[k], torch.as_tensor(b[k]).detach().cpu().double()) for k in t)
-    if isinstance(a, int | float) and isinstance(b, int | float):
-        return float(a) == float(b)
-    return isinstance(a, str) and a == b
-
-
-def _same_edit(a: _channels.ChannelEdit, b: _channels.ChannelEdit) -> bool:
-    return (a.mode == b.mode and list(a.channels) == list(b.channels) and _same_value(a.value, b.value)
-            and all(torch.equal(a.channels[k], b.channels[k]) for k in a.channels))
-
-
-def _describe(edit: _channels.ChannelEdit) -> str:
-    def short(vals: list) -> str:
-        body = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals[:8])
-        return f"[{body}{f', ... ({len(vals)} in all)' if len(vals) > 8 else ''}]"
-
-    def per_layer(items: Mapping[str, Tensor]) -> str:
-        return "{" + ", ".join(f"{k!r}: {short(torch.as_tensor(t).flatten().tolist())}" for k, t in items.items()) + "}"
-
-    v = edit.value
-    value = per_layer(v) if isinstance(v, Mapping) else repr(v)
-    return f"ChannelEdit({per_layer(edit.channels)}, mode={edit.mode!r}, value={value})"
-
-
 class ChannelEdit(Callback):
     """Persistent activation-level ablation (or preservation) of channels during the chosen stages.
 
@@ -261,12 +233,12 @@ class ChannelEdit(Callback):
             raise ValueError(f"not a ChannelEdit checkpoint state: expected {{'edit': {{'edits', 'mode', 'value'}}, "
                              f"...}}, got {sorted(state_dict) if isinstance(state_dict, Mapping) else state_dict!r}")
         theirs = _channels.ChannelEdit.from_state_dict(saved)
-        if _same_edit(theirs, self.edit):
+        if theirs.same_as(self.edit):
             return
         if not self.adopt_checkpoint:
             raise ValueError(
-                f"the checkpoint holds the edit {_describe(theirs)}, but this ChannelEdit callback is configured "
-                f"with {_describe(self.edit)}; configure the checkpoint's edit, or pass "
+                f"the checkpoint holds the edit {theirs.describe()}, but this ChannelEdit callback is configured "
+                f"with {self.edit.describe()}; configure the checkpoint's edit, or pass "
                 "ChannelEdit(..., adopt_checkpoint=True) to evaluate the checkpoint's edit"
             )
         self._off()

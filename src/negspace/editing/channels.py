@@ -141,6 +141,26 @@ class ChannelEdit(PersistentEdit):
     def from_state_dict(cls, state: Mapping) -> ChannelEdit:
         return cls(state["edits"], mode=state["mode"], value=state["value"])
 
+    def same_as(self, other: ChannelEdit) -> bool:
+        """Same layers, channels, mode and value (``"zero"`` and ``0.0`` are the same value)."""
+        return (self.mode == other.mode and list(self.channels) == list(other.channels)
+                and _same_value(self.value, other.value)
+                and all(torch.equal(self.channels[k], other.channels[k]) for k in self.channels))
+
+    def describe(self) -> str:
+        """The edit in one line (channels and per-channel values shortened), for error messages."""
+
+        def short(vals: list) -> str:
+            body = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals[:8])
+            return f"[{body}{f', ... ({len(vals)} in all)' if len(vals) > 8 else ''}]"
+
+        def per_layer(items: Mapping[str, Tensor]) -> str:
+            return "{" + ", ".join(f"{k!r}: {short(torch.as_tensor(t).flatten().tolist())}" for k, t in items.items()) + "}"
+
+        v = self.value
+        value = per_layer(v) if isinstance(v, Mapping) else repr(v)
+        return f"ChannelEdit({per_layer(self.channels)}, mode={self.mode!r}, value={value})"
+
     def __repr__(self) -> str:
         def short(idx: Tensor) -> str:
             vals = idx.tolist()
@@ -170,3 +190,13 @@ def preserve_channels(
     """Keep only the listed channels of each layer; all other channels are replaced by ``value``."""
     with ChannelEdit(edits, mode="preserve", value=value).applied(model) as edit:
         yield edit
+
+
+def _same_value(a: object, b: object) -> bool:
+    a, b = (0.0 if v == "zero" else v for v in (a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        t = {k: torch.as_tensor(v).detach().cpu().double() for k, v in a.items()}
+        return set(t) == set(b) and all(torch.equal(t[k], torch.as_tensor(b[k]).detach().cpu().double()) for k in t)
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return float(a) == float(b)
+    return isinstance(a, str) and a == b

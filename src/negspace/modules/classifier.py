@@ -54,7 +54,8 @@ class ClassifierModule(L.LightningModule):
         model: a name for :func:`negspace.models.zoo.create_model` (``"xsmallcnn"``, ``"xresnet18"``,
             ``"green_pixel"``, ``"motion"``, ``"timm:<name>"``, ``"torchvision:<name>"``) or an ``nn.Module``
             (in YAML: ``class_path``/``init_args``, e.g. ``negspace.models.xmodels.XSmallCNN`` with ``width``).
-        num_classes: number of logits.
+        num_classes: number of logits (>= 2). Each step checks that the model returns ``(B, num_classes)``; the
+            first batch of each stage checks that labels are integer classes in ``[0, num_classes)``.
         loss: ``"ce"`` (softmax cross-entropy) or ``"bce"``: binary cross-entropy of *every* logit against the
             one-hot label (paper 000 B.2/B.4). Predictions are ``argmax`` either way.
         lr, weight_decay: learning rate of the head (and of everything without a backbone multiplier) and weight
@@ -124,6 +125,8 @@ class ClassifierModule(L.LightningModule):
                                      ("schedule", schedule, SCHEDULES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2 (one logit per class), got {num_classes!r}")
         _check_number("lr", lr, 0.0, lo_open=True)
         _check_number("weight_decay", weight_decay, 0.0)
         _check_number("momentum", momentum, 0.0)
@@ -162,6 +165,7 @@ class ClassifierModule(L.LightningModule):
         self.label_smoothing, self.schedule = float(label_smoothing), schedule
         self.warmup_epochs, self.min_lr_ratio = float(warmup_epochs), float(min_lr_ratio)
         self._freezable: list[nn.Parameter] = []
+        self._labels_checked: set[str] = set()
 
     @staticmethod
     def _build(model: Any, num_classes: int, pretrained: bool, in_chans: int, pretrained_file: str | None) -> nn.Module:
@@ -253,9 +257,27 @@ class ClassifierModule(L.LightningModule):
                             who="ClassifierModule")
         return names[dataloader_idx]
 
+    def _checked_logits(self, x: Tensor, y: Tensor, stage: str) -> Tensor:
+        """``self(x)`` after checking the output shape (every step) and the labels (first batch of a stage)."""
+        logits = self(x)
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape != (y.shape[0], self.num_classes):
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"ClassifierModule: the model must return logits (B, num_classes) = "
+                             f"({y.shape[0]}, {self.num_classes}), got {shape}; set num_classes to the model's "
+                             "number of outputs")
+        if stage not in self._labels_checked:
+            if y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
+                raise ValueError(f"ClassifierModule: labels must be integer class indices (B,), got {y.dtype} "
+                                 f"{tuple(y.shape)}")
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                raise ValueError(f"ClassifierModule: labels must be in [0, num_classes={self.num_classes}), got "
+                                 f"values in [{int(y.min())}, {int(y.max())}]")
+            self._labels_checked.add(stage)
+        return logits
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = unpack_batch(batch)
-        logits = self(x)
+        logits = self._checked_logits(x, y, "train")
         loss = self.compute_loss(logits, y)
         acc = (logits.argmax(1) == y).float().mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
@@ -264,7 +286,7 @@ class ClassifierModule(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: Any, dataloader_idx: int) -> dict[str, Tensor]:
         x, y = unpack_batch(batch)
-        logits = self(x)
+        logits = self._checked_logits(x, y, stage)
         loss = self.compute_loss(logits, y)
         acc = (logits.argmax(1) == y).float().mean()
         name = self._split_name(stage, dataloader_idx)
