@@ -204,6 +204,18 @@ LABELS = [
          r"y must hold integer class indices, got dtype torch.float32"),
     Case("label/group-accuracy-out-of-range", lambda t: _group_acc(torch.tensor([0, 3])), ValueError,
          r"target must hold class indices in \[0, 2\), got values in \[0, 3\]"),
+    Case("label/group-accuracy-float", lambda t: _group_acc(torch.tensor([0.0, 0.5])), ValueError,
+         r"target must hold integer class indices, got non-integer values \[0.0, 0.5\]"),
+    Case("label/split-unknown", lambda t: __import__("negspace.metrics", fromlist=["x"]).GroupAccuracy(
+        2, splits=["a"]).update(torch.rand(1, 2), torch.tensor([0]), split="b"), ValueError,
+         r"split must be one of \['a'\] or an index, got 'b'"),
+    Case("label/dict-tensor-fractional", lambda t: __import__("negspace.data_modules", fromlist=["x"])
+         .DictTensorDataset(torch.rand(2, 3, 8, 8), torch.tensor([0.0, 0.5])), ValueError,
+         r"labels must be integer class indices, got non-integer values \[0.0, 0.5\]"),
+    Case("label/dict-tensor-negative", lambda t: __import__("negspace.data_modules", fromlist=["x"])
+         .DictTensorDataset(torch.rand(2, 3, 8, 8), torch.tensor([0, -1])), ValueError, r"labels must be >= 0, got -1"),
+    Case("label/iter-batches-bare-tensor", lambda t: list(__import__("negspace.batch", fromlist=["x"]).iter_batches(
+        X, require=("image", "label"))), ValueError, r"a bare image tensor carries no \['label'\]; pass batches"),
     Case("label/topk-too-large", lambda t: _ixg(target=__import__("negspace.objectives", fromlist=["x"]).topk_sum(5)),
          ValueError, r"topk_sum: k=5 exceeds the number of classes 2"),
     Case("label/topk-0", lambda t: __import__("negspace.objectives", fromlist=["x"]).topk_sum(0), ValueError,
@@ -283,9 +295,33 @@ OUTPUTS = [
         torch.rand(5, 3), 1.5), ValueError, r"variance must be in \(0, 1\], got 1.5"),
     Case("output/hoyer-one-entry", lambda t: __import__("negspace.reduce", fromlist=["x"]).hoyer(torch.rand(3, 1)),
          ValueError, r"hoyer needs at least 2 entries"),
+    Case("output/intervene-tensor-shape", lambda t: _intervene_run({"1": torch.zeros(5)}), ValueError,
+         r"the replacement tensor for layer '1' has shape \(5,\), which does not broadcast to the layer output "
+         r"\(2, 4, 8, 8\)"),
+    Case("output/intervene-fn-shape", lambda t: _intervene_run({"1": lambda o: o[:1]}), ValueError,
+         r"edit of layer '1' must return a tensor of shape \(2, 4, 8, 8\), got \(1, 4, 8, 8\)"),
+    Case("output/kmeans-nan", lambda t: __import__("negspace.stats", fromlist=["x"]).kmeans(
+        torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [1.0, 1.0]]), 2), ValueError,
+         r"kmeans: x contains NaN or inf in rows \[1\]"),
+    Case("output/pearson-constant-is-nan", lambda t: __import__("math").isnan(__import__(
+        "negspace.stats", fromlist=["x"]).pearson(torch.ones(4), torch.rand(4))) or pytest.fail("must be NaN"), OK),
+    Case("output/capture-unknown-layer", lambda t: __import__("negspace.hooks", fromlist=["x"]).capture(
+        _net(), ["nope"]).__enter__(), ValueError, r"layer 'nope' does not exist in Sequential"),
+    Case("output/direction-zero", lambda t: __import__("negspace.objectives", fromlist=["x"]).direction(
+        "1", torch.zeros(3)), ValueError, r"direction: vector must be a finite, non-zero 1-D tensor"),
+    Case("output/ig-trapezoid-1-step", lambda t: _ig(n_steps=1, method="riemann_trapezoid"), ValueError,
+         r"riemann_trapezoid needs n_steps >= 2"),
     Case("output/intervene-empty", lambda t: __import__("negspace.hooks", fromlist=["x"]).intervene(
         _net(), {}).__enter__(), TypeError, r"edits must be a non-empty mapping"),
 ]
+
+def _intervene_run(edits):
+    from negspace.hooks import intervene
+
+    net = _net()
+    with intervene(net, edits):
+        net(X)
+
 
 # ----------------------------------------------------------------------------------------------- callback options
 
@@ -319,7 +355,24 @@ def _split_names_from_dm(tmp):
     assert list(cb.result)[:3] == ["train_bias", "inverse_bias", "no_bias"]
 
 
+def _image_dm_test_names(tmp):
+    from negspace.data_modules import DictTensorDataset, ImageDataModule
+
+    def ds():
+        m = torch.zeros(8, 1, 8, 8)
+        m[:, :, :2, :2] = 1
+        return DictTensorDataset(torch.rand(8, 3, 8, 8), torch.arange(8) % 2, m)
+
+    dm = ImageDataModule(ds(), val={"a": ds(), "b": ds()}, test={"held_out": ds()}, augment=False, batch_size=4)
+    cb = _cb("BiasedSplitReport", n_figures=0, print_table=False)
+    _trainer(tmp, [cb]).test(_classifier(model=_net()), datamodule=dm, verbose=False)
+    assert list(cb.result) == ["held_out", "worst"], cb.result
+    metrics = _trainer(tmp, []).validate(_classifier(model=_net()), datamodule=dm, verbose=False)
+    assert "val/a/acc" in metrics[0] and "val/b/acc" in metrics[1]
+
+
 CALLBACKS = [
+    Case("report/test-names-from-data-module", _image_dm_test_names, OK),
     # BiasedSplitReport (defect 4)
     Case("report/single-loader-is-not-train_bias", _single_val_named, OK),
     Case("report/names-from-data-module", _split_names_from_dm, OK),
@@ -352,7 +405,7 @@ CALLBACKS = [
     Case("report/batch_keys-unknown-role", lambda t: _cb("BiasedSplitReport", batch_keys={"img": "x"}), ValueError,
          r"batch_keys may only name the roles"),
     # AttributionPrior
-    Case("prior/lam-negative", lambda t: _cb("AttributionPrior", lam=-1.0), ValueError, r"lam must be a finite float >= 0, got -1.0"),
+    Case("prior/lam-negative", lambda t: _cb("AttributionPrior", lam=-1.0), ValueError, r"lam must be a finite float >= 0.*, got -1.0"),
     Case("prior/mode", lambda t: _cb("AttributionPrior", mode="absence"), ValueError,
          r"mode must be one of \('presence', 'presence_absence'\), got 'absence'"),
     Case("prior/method", lambda t: _cb("AttributionPrior", method="saliency"), ValueError,
@@ -365,6 +418,12 @@ CALLBACKS = [
     Case("prior/start_step", lambda t: _cb("AttributionPrior", start_step=-3), ValueError, r"start_step must be an int >= 0, got -3"),
     Case("prior/lam_schedule", lambda t: _cb("AttributionPrior", lam_schedule="exp"), ValueError,
          r"lam_schedule must be None, 'constant', 'linear:<steps>' or a callable; got 'exp'"),
+    Case("prior/nan-images-shared-forward", lambda t: _fit_prior(t, nan=True, share_forward=True), ValueError,
+         r"the batch images contain NaN or inf \(samples \[1\]\) at global step 0; the input is broken"),
+    Case("prior/nan-images", lambda t: _fit_prior(t, nan=True), ValueError,
+         r"the batch images contain NaN or inf \(samples \[1\]\)"),
+    Case("prior/forward-modifies-input-in-place", lambda t: _fit_prior(t, inplace=True), (RuntimeError, ValueError),
+         r"modifies its input tensor in place"),
     # the shared vocabulary
     Case("analysis/every_n_epochs-0", lambda t: _cb("TensionReport", "1", [0], every_n_epochs=0), ValueError,
          r"every_n_epochs must be None \(once, at the end of fit\) or a positive int, got 0"),
@@ -429,6 +488,22 @@ def _fit_counting(tmp, cb):
             _Tiny(), _loader(), _loader())
     finally:
         assert len(seen) <= 1, f"the error came after {len(seen)} training batches"
+
+
+class _InPlace(_Tiny):
+    def forward(self, x):
+        x.sub_(0.5)  # normalises its input in place
+        return self.net(x)
+
+
+def _fit_prior(tmp, nan=False, inplace=False, **kw):
+    x = torch.rand(8, 3, 8, 8)
+    if nan:
+        x[1] = float("nan")
+    m = torch.zeros(8, 1, 8, 8)
+    m[:, :, :2, :2] = 1
+    data = DataLoader([(x[i], i % 2, m[i]) for i in range(8)], batch_size=4)
+    _trainer(tmp, [_cb("AttributionPrior", lam=1.0, **kw)], max_epochs=1).fit(_InPlace() if inplace else _Tiny(), data)
 
 
 def _deprecated_root():

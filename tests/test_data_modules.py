@@ -255,7 +255,9 @@ def test_folder_and_csv_bad_data(tmp_path) -> None:
         ImageFolderWithMasks(tmp_path / "img", class_names=["a"])
     # unreadable image
     (tmp_path / "img" / "b" / "1.png").write_bytes(b"not a png at all")
-    ds2 = ImageFolderWithMasks(tmp_path / "img")
+    with pytest.raises(ValueError, match="cannot read image"):  # at construction (sizes are read up front)
+        ImageFolderWithMasks(tmp_path / "img")
+    ds2 = ImageFolderWithMasks(tmp_path / "img", size=8)  # with size= images are read only when loaded
     with pytest.raises(ValueError, match="cannot read image"):
         ds2[2]
     # CSV: missing image file, label outside the classes

@@ -23,6 +23,8 @@ Subcommands: fit, validate, test (LightningCLI; e.g. `negspace fit --config reci
 and `negspace demo [--quick] [--seeds N] [--out DIR]`, the main job: paper 000's debiasing experiment
 (no debiasing / presence / presence+absence / unbiased bound) on synthetic lesions; see `negspace demo --help`.
 `negspace demo --finetune [--quick]` does the same by fine-tuning a pretrained timm backbone (docs/finetune.md).
+`negspace sweep --config recipes/<x>.yaml --lam 1,3,10,30,100 [--seeds 0,1] [--select no_bias]` runs the λ sweep
+of a prior recipe, selects on a validation split and writes the selected recipe (see `negspace sweep --help`).
 """
 
 
@@ -50,6 +52,8 @@ def demo_parser() -> argparse.ArgumentParser:
         "none / presence / presence+absence and an unbiased bound (see docs/finetune.md)",
     )
     ft.add_argument("--finetune", action="store_true", help="run the fine-tuning demo instead")
+    p.add_argument("--compare", action="store_true", help="compare negspace's prior with RRR, RRR-GradCAM, "
+                   "reweighting, GroupDRO, JTT and DFR in one harness (docs/baselines.md; --quick: 1 seed, budget 2)")
     ft.add_argument("--model", default=None, help="backbone, e.g. timm:resnet10t (default), timm:resnet18 or xsmallcnn")
     ft.add_argument("--lr", type=float, default=None, help="fine-tuning lr of the head (default 1e-3; the backbone gets lr x multiplier)")
     ft.add_argument("--backbone-lr-mult", type=float, default=None, help="backbone lr multiplier (default 0.1)")
@@ -60,6 +64,13 @@ def demo_parser() -> argparse.ArgumentParser:
 
 def _run_demo(argv: Sequence[str]) -> dict[str, Any]:
     args = demo_parser().parse_args(list(argv))
+    if args.compare:
+        from negspace.compare import run_compare
+
+        quick = {"seeds": 1, "budget": 2} if args.quick else {}
+        return run_compare(out=args.out if args.out != "negspace_demo" else "negspace_compare",
+                           progress=not args.no_progress, **{**quick, **({"seeds": args.seeds} if args.seeds else {})},
+                           epochs=args.epochs, n_train=args.n_train, image_size=args.image_size)
     if args.finetune:
         from negspace.demo import run_finetune_demo
 
@@ -88,7 +99,7 @@ def main(args: Sequence[str] | None = None) -> None:
     """Console-script entry point (returns ``None`` so that ``sys.exit(main())`` exits with 0). A recipe error
     found before LightningCLI runs (e.g. a misspelt ``class_path``) exits with status 2 and the message."""
     argv = list(sys.argv[1:] if args is None else args)
-    if not (argv and argv[0] == "demo"):
+    if not (argv and argv[0] in ("demo", "sweep")):
         try:
             check_class_paths(argv)
         except ValueError as e:
@@ -104,6 +115,10 @@ def run_cli(args: Sequence[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "demo":
         return _run_demo(argv[1:])
+    if argv and argv[0] == "sweep":
+        from negspace.sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     check_class_paths(argv)
     from lightning.pytorch import LightningDataModule
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from negspace.sweep import select_lam
+
 __all__ = ["SETTINGS", "DemoConfig", "FinetuneConfig", "check_pattern", "run_demo", "run_finetune_demo", "summarise"]
 
 #: (name, row label, prior mode or None, unbiased training data)
@@ -199,7 +201,8 @@ def summarise(runs: dict[tuple[str, float], list[dict[str, Any]]]) -> dict[str, 
             continue
         scores = {lam: _mean_std([r["val"]["no_bias"]["avg"] for r in rs])[0] for lam, rs in candidates.items()}
         summary["sweep"][setting] = scores
-        best = max(scores, key=lambda lam: (scores[lam], -lam))
+        best = select_lam([{"lam": lam, "score": r["val"]["no_bias"]["avg"], "collapsed": bool(r.get("collapsed"))}
+                           for lam, rs in candidates.items() for r in rs])  # the `negspace sweep` rule
         mean, std = _aggregate(candidates[best], "test")
         name = label + (f" (λ={best:g})" if mode else "")
         summary["rows"][name] = mean

@@ -184,7 +184,14 @@ def intervene(model: nn.Module, edits: Mapping[str, EditFn | Tensor]) -> Iterato
     def make_hook(name: str, module: nn.Module, edit: EditFn | Tensor) -> Callable:
         def hook(_mod: nn.Module, _inp: object, output: object) -> Tensor:
             out = _check_tensor_output(name, module, output)
-            new = edit(out) if callable(edit) else torch.broadcast_to(edit.to(out), out.shape)
+            if callable(edit):
+                new = edit(out)
+            else:
+                try:
+                    new = torch.broadcast_to(edit.to(out), out.shape)
+                except RuntimeError as e:
+                    raise ValueError(f"the replacement tensor for layer {name!r} has shape {tuple(edit.shape)}, "
+                                     f"which does not broadcast to the layer output {tuple(out.shape)}") from e
             if not isinstance(new, Tensor) or new.shape != out.shape:
                 got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
                 raise ValueError(

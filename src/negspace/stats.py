@@ -62,6 +62,9 @@ def kmeans(x: Tensor, k: int, *, seed: int = 0, n_init: int = 10) -> tuple[Tenso
         raise ValueError(f"kmeans: x must be (N, D), got {tuple(x.shape)}")
     if not (isinstance(k, int) and 1 <= k <= x.shape[0]):
         raise ValueError(f"kmeans: need 1 <= k <= N={x.shape[0]}, got k={k!r}")
+    bad = (~torch.isfinite(x)).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"kmeans: x contains NaN or inf in rows {bad[:10]}{'...' if len(bad) > 10 else ''}")
     km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x.detach().double().cpu().numpy())
     return torch.as_tensor(km.labels_, dtype=torch.long), torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
 

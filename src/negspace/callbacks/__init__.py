@@ -17,6 +17,10 @@ _LAZY: dict[str, str] = {
     "LinearExplanations": "le",
     "TensionReport": "tension",
     "BiasedSplitReport": "report",
+    "GroupReweighting": "robust",
+    "GroupDRO": "robust",
+    "JTT": "robust",
+    "DFR": "robust",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _LAZY)

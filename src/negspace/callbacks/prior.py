@@ -22,8 +22,11 @@ from torch import Tensor
 
 from negspace.batch import BatchKeys
 from negspace.callbacks.base import deprecated_kwarg
-from negspace.priors.checks import check_callback_options, check_options
+from negspace.priors.calibration import AUTO_FRACTION, calibrate_lam, check_lam
+from negspace.priors.checks import check_callback_options, check_normalize, check_options
 from negspace.priors.loss import PriorResult
+from negspace.priors.monitor import PriorMonitor, step_signals
+from negspace.priors.rightreasons import check_loss
 from negspace.priors.shared import (
     Forward,
     attributed_model,
@@ -61,6 +64,12 @@ class AttributionPrior(Callback):
             train-mode pass over the masked samples). See :mod:`negspace.priors.shared` and docs/priors.md.
         attribution_batch: attribute at most K masked samples per step, drawn at random (``seed``) and
             rescaled by #masked / K so that the penalty is an unbiased estimate of the full one.
+        normalize: ``"mask"`` (paper: Σ|A·P| / ΣP) or ``"fraction"`` (scale-free: Σ|A·P| / Σ|A| per sample).
+        auto_fraction: with ``lam="auto"``, λ is set at the first penalised step so that ``‖∇(λ·penalty)‖ =
+            auto_fraction · ‖∇ task loss‖`` (:func:`negspace.priors.calibrate_lam`); divided by 10 on collapse.
+        monitor: collapse / no-effect detection (:class:`negspace.priors.PriorMonitor`; a dict sets its
+            thresholds, ``False`` turns it off): warns once naming cause and fix and logs ``<name>/collapsed``,
+            ``<name>/no_effect`` (0/1) and ``<name>/ratio`` (λ·penalty / task loss) for ``EarlyStopping``.
         allow_autocast: compute the penalty inside autocast (default off: double backward in bf16 is noisy).
         keep_norm_stats: the prior's extra passes never change BatchNorm running statistics.
         on_nan: ``"raise"`` (a non-finite penalty raises ``FloatingPointError``) or ``"skip"`` (warn, skip).
@@ -68,6 +77,8 @@ class AttributionPrior(Callback):
             checkpointed.
         share_forward: deprecated alias of ``norm_mode`` (``True`` → ``"shared"``, ``False`` → ``"separate"``,
             ``"auto"`` → ``"auto"``).
+        loss: ``"negspace"`` (paper 000's prior, ``mode=``), ``"rrr"`` (Ross et al. 2017) or ``"rrr_gradcam"``
+            (GradCAM at ``layer``, a dotted name inside ``forward``); see :mod:`negspace.priors.rightreasons`.
         name: log prefix (``<name>/penalty``, ``<name>/mass_in_mask``, ``<name>/lam``) and part of
             ``state_key``; several instances in one Trainer need distinct names (checked at setup).
 
@@ -77,7 +88,7 @@ class AttributionPrior(Callback):
 
     def __init__(
         self,
-        lam: float = 1.0,
+        lam: float | str = 1.0,
         mode: str = "presence_absence",
         method: str = "input_x_gradient",
         non_target: str = "complement",
@@ -98,6 +109,11 @@ class AttributionPrior(Callback):
         name: str = "attribution_prior",
         norm_mode: str = "auto",
         attribution_batch: int | None = None,
+        loss: str = "negspace",
+        layer: str | None = None,
+        normalize: str = "mask",
+        auto_fraction: float = AUTO_FRACTION,
+        monitor: bool | dict[str, float] = True,
     ) -> None:
         super().__init__()
         if share_forward is not None:
@@ -109,7 +125,13 @@ class AttributionPrior(Callback):
         check_options(mode, method, non_target, n_steps)
         check_callback_options(lam=lam, start_step=start_step, on_nan=on_nan, name=name, forward=forward,
                                norm_mode=norm_mode, method=method, attribution_batch=attribution_batch)
-        self.lam, self.mode, self.method, self.non_target, self.n_steps = float(lam), mode, method, non_target, n_steps
+        self.lam_auto = check_lam(lam)
+        self.lam = 1.0 if self.lam_auto else float(lam)  # lam='auto': replaced at the first penalised step
+        self.mode, self.method, self.non_target, self.n_steps = mode, method, non_target, n_steps
+        self.normalize, self.auto_fraction, self.calibrated = check_normalize(normalize), auto_fraction, False
+        if not isinstance(monitor, bool | dict):
+            raise TypeError(f"monitor must be True, False or a dict of PriorMonitor thresholds, got {monitor!r}")
+        self.monitor = PriorMonitor(**(monitor if isinstance(monitor, dict) else {})) if monitor else None
         self.batch_keys, self._keys = batch_keys, BatchKeys(batch_keys)
         self.forward, self.output_key, self.start_step = forward, output_key, start_step
         self.lam_schedule, self._schedule = lam_schedule, parse_schedule(lam_schedule)
@@ -117,6 +139,7 @@ class AttributionPrior(Callback):
         self.allow_autocast, self.keep_norm_stats = bool(allow_autocast), bool(keep_norm_stats)
         self.on_nan, self.seed, self.name = on_nan, int(seed), name
         self.norm_mode, self.attribution_batch = norm_mode, attribution_batch
+        self.loss, self.layer = check_loss(loss, layer), layer
         self._captured: dict[str, Any] | None = None
         self._warned: set[str] = set()
         self.generator: torch.Generator | None = None
@@ -128,7 +151,8 @@ class AttributionPrior(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            name=self.name, mode=self.mode, lam=self.lam, method=self.method, non_target=self.non_target
+            name=self.name, mode=self.mode, lam="auto" if self.lam_auto else self.lam, method=self.method,
+            non_target=self.non_target, **({} if self.loss == "negspace" else {"loss": self.loss}),
         )
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -160,12 +184,20 @@ class AttributionPrior(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"penalised_batches": int(self.penalised_batches)}
+        if self.lam_auto:
+            state.update(lam=float(self.lam), calibrated=int(self.calibrated))
+        if self.monitor is not None:
+            state["monitor"] = self.monitor.state_dict()
         if self.generator is not None:
             state["generator_state"] = self.generator.get_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.penalised_batches = int(state_dict.get("penalised_batches", 0))
+        if self.lam_auto and "lam" in state_dict:
+            self.lam, self.calibrated = float(state_dict["lam"]), bool(state_dict.get("calibrated", 0))
+        if self.monitor is not None and "monitor" in state_dict:
+            self.monitor.load_state_dict(state_dict["monitor"])
         gen_state = state_dict.get("generator_state")
         if gen_state is not None and self.generator is not None:
             self.generator.set_state(gen_state)
@@ -199,6 +231,7 @@ class AttributionPrior(Callback):
         pen = self._weighted_penalty(module, batch)
         if pen is None:
             return out
+        pen = self._watch(module, out if isinstance(out, Tensor) else out["loss"], pen)
         return out + pen if isinstance(out, Tensor) else {**out, "loss": out["loss"] + pen}
 
     def _step(self, module: LightningModule) -> int:
@@ -209,7 +242,7 @@ class AttributionPrior(Callback):
     def _capture(self, module: LightningModule, batch: Any) -> Iterator[None]:
         """Plan the step and, for the shared forward, keep the attributed module's call on the batch image."""
         self._captured = None
-        if self.effective_lam(self._step(module)) == 0.0:
+        if self.effective_lam(self._step(module)) == 0.0 or self.loss != "negspace":  # RRR: its own pass
             yield
             return
         x, _, mask = self._extract(batch)
@@ -223,6 +256,29 @@ class AttributionPrior(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(f"AttributionPrior({self.name!r}): {msg}")
+
+    def _watch(self, module: LightningModule, task: Tensor, pen: Tensor) -> Tensor:
+        """``lam='auto'`` calibration (first penalised step) and collapse / no-effect detection; returns ``pen``."""
+        result, lam = self.last_result, self.effective_lam(self._step(module))
+        if result is None:
+            return pen
+        if self.lam_auto and not self.calibrated:
+            new = calibrate_lam(task, result.loss, module.parameters(), self.auto_fraction)
+            if new is not None:
+                pen, self.lam, self.calibrated = pen * (new / self.lam), new, True
+                lam = self.effective_lam(self._step(module))
+        sig = step_signals(result) if self.monitor is not None else None
+        if sig is None or self.monitor is None:
+            return pen
+        metrics, causes = self.monitor.update(sig, lam, float(task.detach()))
+        if getattr(module, "_trainer", None) is not None:
+            for key, value in metrics.items():
+                module.log(f"{self.name}/{key}", float(value), on_step=True, on_epoch=False, batch_size=task.numel())
+        for cause in causes:
+            self._warn_once(cause, self.monitor.message(cause))
+            if cause == "collapsed" and self.lam_auto:  # back-off: a tenth of λ from the next step on
+                self.lam /= 10.0
+        return pen
 
     def _weighted_penalty(self, module: LightningModule, batch: Any) -> Tensor | None:
         step = self._step(module)
@@ -245,7 +301,7 @@ class AttributionPrior(Callback):
             norm_mode=self.norm_mode, mode=self.mode, method=self.method, non_target=self.non_target,
             n_steps=self.n_steps, baseline=self.baseline, internal_batch_size=self.internal_batch_size,
             attribution_batch=self.attribution_batch, generator=self.generator, allow_autocast=self.allow_autocast,
-            keep_norm_stats=self.keep_norm_stats,
+            keep_norm_stats=self.keep_norm_stats, loss=self.loss, layer=self.layer, normalize=self.normalize,
         )
         self.last_result = result
         value = result.loss

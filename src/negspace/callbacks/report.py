@@ -19,6 +19,7 @@ from negspace.callbacks.base import log_figure, output_dir
 from negspace.metrics.report import (
     SplitReport,
     check_class_index,
+    data_split_names,
     figure_samples,
     flatten_result,
     format_table,
@@ -123,8 +124,7 @@ class BiasedSplitReport(L.Callback):
     def _reset(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
         num = 1 if loaders is None else len(loaders) if isinstance(loaders, Sequence) else 1
-        dm = getattr(trainer, "datamodule", None)
-        data_names = getattr(dm, "split_names", None) if dm is not None else None
+        data_names = data_split_names(getattr(trainer, "datamodule", None), stage)
         self._names = split_names(self.splits, max(num, 1), data_names, stage=stage)
         self._report, self._attr_seen, self._device = None, {}, pl_module.device
 

@@ -320,6 +320,10 @@ class DictTensorDataset(Dataset):
             raise ValueError(f"labels must be (N,) = ({images.shape[0]},), got {tuple(labels.shape)}")
         if masks is not None and masks.shape != (images.shape[0], 1, *images.shape[-2:]):
             raise ValueError(f"masks must be (N, 1, H, W) = {(images.shape[0], 1, *images.shape[-2:])}, got {tuple(masks.shape)}")
+        if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+            raise ValueError(f"labels must be integer class indices, got non-integer values {labels[:5].tolist()}")
+        if labels.numel() and int(labels.min()) < 0:
+            raise ValueError(f"labels must be >= 0, got {int(labels.min())}")
         self.images = images
         self.labels = labels.long()
         self.masks = masks if masks is not None else torch.zeros(images.shape[0], 1, *images.shape[-2:])
@@ -402,7 +406,8 @@ class ImageDataModule(NormalizeMixin, L.LightningDataModule):
         train: training dataset (item dicts).
         val: a dataset, or ``{name: dataset}`` (→ ``val_dataloader()`` returns a list in that order;
             names in ``split_names``), or None.
-        test: like ``val``; None → the validation loaders are reused for ``test_dataloader()``.
+        test: like ``val`` (names in ``test_split_names``); None → the validation loaders are reused for
+            ``test_dataloader()``.
         augment: apply ``transforms`` (default: paper 000's flip + colour jitter) to training items.
         normalize: ``None``, ``"imagenet"`` or ``(mean, std)``, applied last by the loaders (after augmentation;
             masks stay in [0, 1]); see :class:`~negspace.data_modules.SpuriousPatchDataModule`.
@@ -432,6 +437,7 @@ class ImageDataModule(NormalizeMixin, L.LightningDataModule):
             if len(ds) == 0:  # type: ignore[arg-type]
                 raise ValueError(f"empty split: {name!r} has no samples")
         self.split_names = tuple(self.val)
+        self.test_split_names = tuple(self.test or self.val)
         self.augment, self.transforms = augment, transforms
 
     def train_dataloader(self) -> DataLoader:

@@ -19,6 +19,7 @@ _LAZY: dict[str, str] = {
     "format_table": "report",
     "split_names": "report",
     "check_class_index": "report",
+    "data_split_names": "report",
     "target_and_other_attributions": "report",
     "unflatten_result": "report",
 }

@@ -18,6 +18,7 @@ from negspace.priors.targets import target_and_other
 __all__ = [
     "SplitReport",
     "check_class_index",
+    "data_split_names",
     "figure_samples",
     "flatten_result",
     "format_table",
@@ -72,6 +73,15 @@ def format_table(
             cells.append(_fmt(None if v is None else float(v), None if s is None else float(s)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def data_split_names(datamodule: Any, stage: str) -> Sequence[str] | None:
+    """A data module's loader names for ``stage``: ``test_split_names`` (test, when present), else
+    ``split_names``; ``None`` without a data module or names."""
+    if datamodule is None:
+        return None
+    names = getattr(datamodule, "test_split_names", None) if stage == "test" else None
+    return names if names is not None else getattr(datamodule, "split_names", None)
 
 
 def split_names(

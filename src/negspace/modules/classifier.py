@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from negspace.batch import images_of
 from negspace.batch import unpack_batch as _unpack
-from negspace.metrics.report import split_names
+from negspace.metrics.report import data_split_names, split_names
 from negspace.modules.finetune import (
     backbone_modules,
     find_head,
@@ -252,9 +252,8 @@ class ClassifierModule(L.LightningModule):
             return self.splits[dataloader_idx] if self.splits and dataloader_idx < len(self.splits) else stage
         loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
         num = len(loaders) if isinstance(loaders, Sequence) else 1
-        dm = getattr(trainer, "datamodule", None)
-        names = split_names(self.splits, max(num, 1), getattr(dm, "split_names", None), stage=stage,
-                            who="ClassifierModule")
+        names = split_names(self.splits, max(num, 1), data_split_names(getattr(trainer, "datamodule", None), stage),
+                            stage=stage, who="ClassifierModule")
         return names[dataloader_idx]
 
     def _checked_logits(self, x: Tensor, y: Tensor, stage: str) -> Tensor:

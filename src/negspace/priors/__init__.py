@@ -4,6 +4,8 @@
   :func:`compute_prior_from_logits` (shared forward), :class:`PriorResult`;
 * :mod:`.targets` — the one non-target class choice (``complement | all | top:K | sample:K``);
 * :mod:`.checks` — mask, label and option checks;
+* :mod:`.monitor` — collapse / no-effect detection (:class:`PriorMonitor`);
+* :mod:`.calibration` — ``lam="auto"`` (:func:`calibrate_lam`: λ from the gradient-norm ratio);
 * :mod:`.shared` — what :class:`negspace.callbacks.AttributionPrior` decides and computes without Lightning
   (attributed model, λ schedules, the BatchNorm semantics ``norm_mode`` and the per-step plan, the shared
   forward, one penalised step).
@@ -49,7 +51,21 @@ _LAZY: dict[str, str] = {
     "samples_independent": "shared",
     "shared_input": "shared",
     "twice_differentiable_attention": "shared",
+    "LOSSES": "rightreasons",
+    "check_loss": "rightreasons",
+    "gradcam_map": "rightreasons",
+    "right_reason_prior": "rightreasons",
+    "rrr_gradcam_penalty": "rightreasons",
+    "rrr_penalty": "rightreasons",
     "frozen_norm_stats": "negspace.hooks",
+    "NORMALIZES": "checks",
+    "check_normalize": "checks",
+    "PriorMonitor": "monitor",
+    "step_signals": "monitor",
+    "AUTO_FRACTION": "calibration",
+    "calibrate_lam": "calibration",
+    "check_lam": "calibration",
+    "grad_norm": "calibration",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _LAZY)

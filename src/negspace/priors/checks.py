@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from negspace.attribution.dispatch import ATTRIBUTION_METHODS, check_method
+from negspace.priors.calibration import check_lam
 from negspace.priors.targets import parse_non_target
 
-__all__ = ["METHODS", "MODES", "NORM_MODES", "check_attribution_batch", "check_callback_options", "check_labels", "check_mask", "check_options"]
+__all__ = ["METHODS", "MODES", "NORM_MODES", "check_attribution_batch", "check_callback_options", "check_labels", "check_mask", "check_normalize", "check_options"]
 
 MODES = ("presence", "presence_absence")
 METHODS = ATTRIBUTION_METHODS
 NORM_MODES = ("auto", "shared", "eval", "separate")  # BatchNorm semantics, see negspace.priors.shared
+NORMALIZES = ("mask", "fraction")  # Σ|A·P| / (ΣP + 1e-5) (paper) or Σ|A·P| / (Σ|A| + 1e-5) (scale-free)
+
+
+def check_normalize(normalize: object) -> str:
+    """``normalize`` of the prior term: ``"mask"`` (paper 000) or ``"fraction"`` (scale-free)."""
+    if not isinstance(normalize, str) or normalize not in NORMALIZES:
+        raise ValueError(f"normalize must be one of {NORMALIZES}, got {normalize!r}")
+    return normalize
 
 
 def check_mask(mask: object, x: Tensor, name: str = "mask") -> Tensor:
@@ -88,8 +95,7 @@ def check_callback_options(
     method: object, attribution_batch: object = None,
 ) -> None:
     """The ``AttributionPrior`` keywords beyond :func:`check_options` (errors name argument, allowed, received)."""
-    if isinstance(lam, bool) or not isinstance(lam, int | float) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam must be a finite float >= 0, got {lam!r}")
+    check_lam(lam)
     if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
         raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
     if on_nan not in ("raise", "skip"):

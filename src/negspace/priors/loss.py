@@ -27,7 +27,13 @@ from torch import Tensor, nn
 from negspace.attribution.dispatch import attribute
 from negspace.attribution.engine import check_input, grads_per_target
 from negspace.hooks import frozen_norm_stats
-from negspace.priors.checks import check_attribution_batch, check_labels, check_mask, check_options
+from negspace.priors.checks import (
+    check_attribution_batch,
+    check_labels,
+    check_mask,
+    check_normalize,
+    check_options,
+)
 from negspace.priors.targets import prior_targets, resolve_targets
 from negspace.reduce import relative_mass_in_mask
 
@@ -37,8 +43,11 @@ __all__ = ["EPS", "PriorResult", "attribution_prior", "compute_prior", "compute_
 EPS = 1e-5  # paper 000, eq. 2/3: "we add 10^-5 to the denominator"
 
 
-def attribution_prior(attributions: Tensor, mask: Tensor) -> Tensor:
+def attribution_prior(attributions: Tensor, mask: Tensor, normalize: str = "mask") -> Tensor:
     """Paper 000's prior term ``Σ|A·P| / (ΣP + 1e-5)`` per sample (and per target).
+
+    ``normalize="fraction"`` gives the scale-free ``Σ|A·P| / (Σ|A| + 1e-5)`` instead: the share of the
+    attribution mass inside the mask, in [0, 1], unchanged when the input or the logits are rescaled.
 
     Args:
         attributions: ``(B, C, H, W)`` or, for K targets per sample, ``(B, K, C, H, W)``.
@@ -56,8 +65,11 @@ def attribution_prior(attributions: Tensor, mask: Tensor) -> Tensor:
         )
     multi = attributions.dim() == 5
     m = check_mask(mask, attributions[:, 0] if multi else attributions)  # (B, 1, H, W)
-    denom = m.flatten(1).sum(1) + EPS  # (B,)
     a = attributions.abs()
+    if check_normalize(normalize) == "fraction":
+        inside = (a * (m.unsqueeze(1) if multi else m)).flatten(2 if multi else 1)
+        return inside.sum(-1) / (a.flatten(2 if multi else 1).sum(-1) + EPS)  # (B, K) or (B,)
+    denom = m.flatten(1).sum(1) + EPS  # (B,)
     if multi:
         return (a * m.unsqueeze(1)).flatten(2).sum(2) / denom.unsqueeze(1)  # (B, K)
     return (a * m).flatten(1).sum(1) / denom
@@ -95,11 +107,12 @@ def _empty(x: Tensor, m: Tensor, index: Tensor) -> PriorResult:
 
 
 def _combine(
-    attr: Tensor, ms: Tensor, m: Tensor, index: Tensor, targets: Tensor | None, mode: str, b: int, scale: float = 1.0
+    attr: Tensor, ms: Tensor, m: Tensor, index: Tensor, targets: Tensor | None, mode: str, b: int, scale: float = 1.0,
+    normalize: str = "mask",
 ) -> PriorResult:
     """Eq. 2/3 from the ``(M, K, C, H, W)`` attributions of the M attributed samples of a batch of B
     (``scale`` = #masked / M when only a random subset of the masked samples was attributed)."""
-    terms = attribution_prior(attr, ms)  # (M, K)
+    terms = attribution_prior(attr, ms, normalize)  # (M, K)
     per = 2.0 * terms[:, 0] if mode == "presence" else terms[:, 0] + terms[:, 1:].mean(1)
     per_sample = per if index.numel() == b else per.new_zeros(b).index_copy(0, index, per)
     loss = per.sum() * scale / b if scale != 1.0 else per.sum() / b  # unmasked samples contribute exactly 0
@@ -140,9 +153,11 @@ def compute_prior(
     generator: torch.Generator | None = None,
     keep_norm_stats: bool = True,
     attribution_batch: int | None = None,
+    normalize: str = "mask",
 ) -> PriorResult:
     """:func:`prior_loss` with its intermediate results (used by the callback for logging)."""
     kind, k = check_options(mode, method, non_target, n_steps)
+    check_normalize(normalize)
     check_input(x)
     b = x.shape[0]
     yl = check_labels(y, b)
@@ -161,7 +176,7 @@ def compute_prior(
                          n_steps=n_steps, internal_batch_size=internal_batch_size)
     if attr.dim() == x.dim():  # single target came back without the K axis
         attr = attr.unsqueeze(1)
-    return _combine(attr, ms, m, index, objective._targets, mode, b, scale)
+    return _combine(attr, ms, m, index, objective._targets, mode, b, scale, normalize)
 
 
 def compute_prior_from_logits(
@@ -174,6 +189,7 @@ def compute_prior_from_logits(
     non_target: str = "complement",
     generator: torch.Generator | None = None,
     attribution_batch: int | None = None,
+    normalize: str = "mask",
 ) -> PriorResult:
     """Input×gradient prior from ``logits = model(x)`` computed *in the training forward* (shared forward).
 
@@ -187,6 +203,7 @@ def compute_prior_from_logits(
     so skipping unmasked samples saves nothing here.
     """
     kind, k = check_options(mode, "input_x_gradient", non_target, 1)
+    check_normalize(normalize)
     if not isinstance(x, Tensor) or not x.requires_grad:
         raise ValueError("x must be the tensor the logits were computed from, with requires_grad=True")
     if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
@@ -203,7 +220,7 @@ def compute_prior_from_logits(
     vals = sub.gather(1, targets)  # (M, K)
     (grad,) = grads_per_target(vals, [x], create_graph=True)  # (K, B, C, H, W)
     attr = grad.index_select(1, index).movedim(0, 1) * x.detach().index_select(0, index).unsqueeze(1)
-    return _combine(attr, m.index_select(0, index), m, index, targets, mode, b, scale)
+    return _combine(attr, m.index_select(0, index), m, index, targets, mode, b, scale, normalize)
 
 
 def prior_loss(
@@ -221,6 +238,7 @@ def prior_loss(
     generator: torch.Generator | None = None,
     keep_norm_stats: bool = True,
     attribution_batch: int | None = None,
+    normalize: str = "mask",
 ) -> Tensor:
     """Attribution-prior loss of paper 000 (eq. 2 ``mode="presence"``, eq. 3 ``"presence_absence"``).
 
@@ -238,6 +256,8 @@ def prior_loss(
             :func:`negspace.hooks.frozen_norm_stats`) so that the prior never changes them.
         attribution_batch: attribute at most this many masked samples, drawn at random with ``generator``;
             their sum is rescaled by #masked / K, an unbiased estimate of the full penalty (:func:`masked_index`).
+        normalize: ``"mask"`` (paper: divide by the mask area) or ``"fraction"`` (divide by the sample's total
+            attribution: scale-free, see :func:`attribution_prior`).
 
     Returns:
         Scalar loss, differentiable w.r.t. the model parameters. Samples with an empty mask contribute
@@ -246,5 +266,5 @@ def prior_loss(
     return compute_prior(
         model, x, y, mask, mode=mode, method=method, non_target=non_target, n_steps=n_steps, baseline=baseline,
         internal_batch_size=internal_batch_size, generator=generator, keep_norm_stats=keep_norm_stats,
-        attribution_batch=attribution_batch,
+        attribution_batch=attribution_batch, normalize=normalize,
     ).loss

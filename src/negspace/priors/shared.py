@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from negspace.hooks import eval_mode, frozen_norm_stats, frozen_relu_masks
 from negspace.priors.checks import NORM_MODES
 from negspace.priors.loss import PriorResult, compute_prior, compute_prior_from_logits
+from negspace.priors.rightreasons import right_reason_prior
 
 __all__ = [
     "NORM_MODES",
@@ -337,8 +338,15 @@ def penalty_step(
     generator: torch.Generator | None = None,
     allow_autocast: bool = False,
     keep_norm_stats: bool = True,
+    normalize: str = "mask",
+    loss: str = "negspace",
+    layer: str | None = None,
 ) -> PriorResult:
     """The unweighted prior of one training batch, as the callback adds it.
+
+    ``loss``: ``"negspace"`` (paper 000, ``mode=``) or a right-reason loss of the literature (``"rrr"``,
+    ``"rrr_gradcam"`` at ``layer``; :mod:`negspace.priors.rightreasons`), computed in the same planned pass
+    (a captured training forward becomes a separate full-batch pass with the same BatchNorm statistics).
 
     ``step`` (from :func:`capture_training_forward`) holds the plan and, for ``"capture"``, the training
     forward's input copy and output; without it the step is planned here (no capture). Separate passes run
@@ -355,13 +363,17 @@ def penalty_step(
         contextlib.nullcontext() if allow_autocast else torch.autocast(device_type=x.device.type, enabled=False)
     )
     kw: dict[str, Any] = {"mode": mode, "non_target": non_target, "generator": generator,
-                          "attribution_batch": attribution_batch}
-    if plan == "capture":
+                          "attribution_batch": attribution_batch, "normalize": normalize}
+    if plan == "capture" and loss == "negspace":
         with autocast:
             return compute_prior_from_logits(model.pick(step["out"]), step["x"], y, mask, **kw)
     norm = frozen_norm_stats(module) if keep_norm_stats else contextlib.nullcontext()
     evals = eval_norms(module) if plan == "masked_eval" else contextlib.nullcontext()
     with autocast, norm, evals, frozen_relu_masks(module), twice_differentiable_attention():
+        if loss != "negspace":
+            net = model.fn if isinstance(model.fn, nn.Module) else module
+            return right_reason_prior(model, x, y, mask, loss=loss, layer=layer, network=net, generator=generator,
+                                      attribution_batch=attribution_batch, all_rows=plan in ("capture", "full"))
         if plan == "full":
             xr = x.detach().requires_grad_(True)
             return compute_prior_from_logits(model(xr), xr, y, mask, **kw)
