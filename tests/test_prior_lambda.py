@@ -95,13 +95,27 @@ def test_monitor_flags_collapse_and_no_effect():
     assert "collapsed" in mon.message("collapsed") and "lower" in mon.message("collapsed")
     assert mon.update(dead, 1.0, 0.69)[1] == []  # reported once
     weak = {"penalty": 0.01, "attr_total": 2.0, "mass_in_mask": 0.4, "mask_area": 0.1}
-    mon = PriorMonitor(patience=2, warmup=1)
+    mon = PriorMonitor(patience=2, warmup=1, ratio_floor=0.01)
     flags = [mon.update(weak, lam=0.1, task_loss=0.5)[1] for _ in range(4)]  # ratio 0.002 < 0.01
     assert flags == [[], [], ["no_effect"], []]
     assert "raise" in mon.message("no_effect") and "40%" in mon.message("no_effect")
     mon2 = PriorMonitor()
     mon2.load_state_dict(mon.state_dict())
     assert mon2.no_effect and mon2.steps == 4
+
+
+def test_monitor_gradual_collapse_needs_a_stuck_task_loss():
+    def run(losses):
+        mon = PriorMonitor(patience=3, warmup=0)
+        flags = []
+        for i, loss in enumerate(losses):
+            total = 1.0 if i < 2 else 0.05  # input dependence shrinks 20x from its peak
+            flags += mon.update({"penalty": 1e-4, "attr_total": total, "mass_in_mask": 0.05, "mask_area": 0.05},
+                                lam=100.0, task_loss=loss)[1]
+        return flags
+
+    assert run([0.693] * 6) == ["collapsed"]  # loss stuck at chance: a constant predictor
+    assert run([0.693, 0.6, 0.4, 0.3, 0.2, 0.1]) == []  # the task is learnt: not a collapse
 
 
 def test_step_signals_by_hand():

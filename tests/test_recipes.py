@@ -26,6 +26,7 @@ def test_every_recipe_is_covered():
     tested = {"lesions_none.yaml", "lesions_presence.yaml", "lesions_presence_absence.yaml",
               "lesions_unbiased.yaml", "motion_detector.yaml", "toy_green_pixel.yaml", "my_dataset_template.yaml",
               "finetune_presence_absence.yaml"}
+    tested |= {f"compare_{m}.yaml" for m in ("rrr", "rrr_gradcam", "reweight", "groupdro", "jtt", "dfr")}  # test_robust
     assert {p.name for p in RECIPES.glob("*.yaml")} == tested
 
 

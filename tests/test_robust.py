@@ -219,3 +219,33 @@ def test_dfr_callback_fixes_worst_group():
     with pytest.raises(ValueError, match="fc2"):
         L.Trainer(max_epochs=1, callbacks=[DFR(head="fc2", holdout=[])], logger=False, enable_progress_bar=False,
                   enable_model_summary=False, accelerator="cpu").fit(Head(), _loader(*_features(4, True, 0)))
+
+
+# ------------------------------------------------------------------------- recipes and the comparison
+@pytest.mark.parametrize("name", ["rrr", "rrr_gradcam", "reweight", "groupdro", "jtt", "dfr"])
+def test_compare_recipes_fast_dev_run(name, tmp_path):
+    from pathlib import Path
+
+    from negspace.cli import run_cli
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / f"compare_{name}.yaml"
+    torch.manual_seed(0)
+    cli = run_cli(["fit", "--config", str(recipe), "--trainer.default_root_dir", str(tmp_path),
+                   "--trainer.fast_dev_run", "1", "--trainer.enable_progress_bar", "false",
+                   "--data.init_args.n_train", "64", "--data.init_args.n_val", "32", "--data.init_args.n_test", "16",
+                   "--data.init_args.batch_size", "16"])
+    assert cli.trainer.state.finished
+    assert "training_step" not in cli.model.__dict__
+    if name == "dfr":
+        assert next(cb for cb in cli.trainer.callbacks if isinstance(cb, DFR)).fitted
+
+
+def test_run_compare_tiny(tmp_path):
+    from negspace.compare import run_compare
+
+    out = run_compare(out=str(tmp_path), progress=False, seeds=1, epochs=1, n_train=32, n_val=24, n_test=24,
+                      budget=1, methods=["erm", "groupdro", "dfr"])
+    assert len(out["rows"]) == 3 and (tmp_path / "table.md").exists()
+    assert out["picked"]["dfr"]["value"] == 1.0
+    with pytest.raises(ValueError, match="methods must be among"):
+        run_compare(out=str(tmp_path), methods=["mixup"])

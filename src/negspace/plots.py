@@ -44,6 +44,24 @@ def phi_rgb(phi_plus: Tensor, phi_minus: Tensor) -> Any:
 
 
 # === priors and biased splits ===
+def prior_gradient_norms(rows: list[dict[str, float]], lams: tuple[float, ...] = (1.0, 10.0, 100.0)) -> Any:
+    """Gradient norms over training: ``‖∇CE‖`` against ``λ·‖∇penalty‖`` of the paper's form for each λ in ``lams``
+    and ``‖∇penalty‖`` of the scale-free form. ``rows``: dicts with ``epoch``, ``grad_ce``, ``grad_mask``,
+    ``grad_fraction`` (one per evaluation, e.g. from ``benchmarks/priors_lambda.py --diagnose``)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ep = [r["epoch"] for r in rows]
+    ax.semilogy(ep, [r["grad_ce"] for r in rows], "k-o", label="‖∇ task loss‖")
+    for lam in lams:
+        ax.semilogy(ep, [lam * r["grad_mask"] for r in rows], "--", label=f"λ={lam:g} · ‖∇ penalty‖ (paper)")
+    ax.semilogy(ep, [r["grad_fraction"] for r in rows], "b-s", label="‖∇ penalty‖ (fraction), λ=1")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("gradient norm")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def biased_split_attributions(rows: list[dict[str, Any]], class_names: list[str] | None = None) -> Any:
     """One row per sample: image with the mask contour, target ``A(x, y)`` and non-target ``A(x, t')`` maps.
 

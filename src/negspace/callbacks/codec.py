@@ -14,6 +14,7 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
+from negspace.attribution.hidden import METHODS as CONTRIBUTION_METHODS
 from negspace.callbacks.base import AnalysisCallback, deprecated_kwarg, progress_enabled
 from negspace.explain.codec import ContributionSet, LayerModes, default_kind, fit_codec
 from negspace.hooks import get_layer
@@ -88,6 +89,11 @@ class CodecModes(AnalysisCallback):
         super().__init__(every_n_epochs=schedule, batch_keys=batch_keys, forward=forward,
                          dataloader_idx=dataloader_idx, save_dir=save_dir)
         self.layers = [layers] if isinstance(layers, str) else list(layers)
+        if method not in CONTRIBUTION_METHODS:
+            raise ValueError(f"CodecModes: method must be one of {CONTRIBUTION_METHODS}, got {method!r}")
+        for name, value in (("k", k), ("n_steps", n_steps)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"CodecModes: {name} must be a positive int, got {value!r}")
         self.num_classes = num_classes
         self.method, self.target, self.n_steps, self.k = method, target, n_steps, k
         self.kind = default_kind(target) if kind is None else kind

@@ -130,7 +130,8 @@ class GroupReweighting(_RobustLoss):
             self.weights = inverse_frequency_weights(self._train_counts(trainer))
 
     def _loss(self, losses: Tensor, batch: Any, module: LightningModule) -> Tensor:
-        assert self.weights is not None  # set in on_train_start
+        if self.weights is None:  # on_train_start did not run (a step outside fit)
+            raise ValueError("GroupReweighting: the training-set counts are computed at fit start; call trainer.fit")
         ids = getattr(batch, self.role).long().cpu()
         if int(ids.max()) >= self.weights.numel():
             raise ValueError(f"GroupReweighting: {self.role} id {int(ids.max())} was never seen in the training data")
@@ -163,7 +164,8 @@ class GroupDRO(_RobustLoss):
                 self.num_groups, self.q = g, torch.full((g,), 1.0 / g)
 
     def _loss(self, losses: Tensor, batch: Any, module: LightningModule) -> Tensor:
-        assert self.q is not None  # set in __init__ or on_train_start
+        if self.q is None:  # on_train_start did not run (a step outside fit)
+            raise ValueError("GroupDRO: pass num_groups= or call trainer.fit (the groups are counted at fit start)")
         loss, q = groupdro_loss(losses, batch.group, self.q, eta=self.eta, counts=self.counts,
                                 adjustment=self.adjustment)
         self.q = q.detach().cpu()

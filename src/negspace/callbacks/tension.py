@@ -14,6 +14,7 @@ from negspace.batch import collect_images, images_of, iter_batches
 from negspace.callbacks.base import AnalysisCallback, log_scalars, progress_enabled
 from negspace.explain.tension import check_channels, tension_report
 from negspace.hooks import get_layer, model_device
+from negspace.reduce import check_reduce
 
 __all__ = ["TensionReport"]
 
@@ -87,6 +88,12 @@ class TensionReport(AnalysisCallback):
         important = channels == "important"
         self.layer, self.attribution_layer = layer, attribution_layer
         self.channels: list[int] | str = "important" if important else check_channels(channels)  # type: ignore[arg-type]
+        check_reduce(reduce, who="TensionReport: reduce")
+        if feature_reduce is not None:
+            check_reduce(feature_reduce, who="TensionReport: feature_reduce")
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"TensionReport: threshold (relative IG of a class-important channel) must be in [0, 1], "
+                             f"got {threshold!r}")
         self.feature_reduce, self.threshold = feature_reduce, threshold
         self.reduce, self.patch_size, self.stride, self.k, self.n_images = reduce, patch_size, stride, k, n_images
         self.max_images, self.n_show, self.alpha = max_images, n_show, alpha

@@ -4,6 +4,7 @@
   :func:`compute_prior_from_logits` (shared forward), :class:`PriorResult`;
 * :mod:`.targets` — the one non-target class choice (``complement | all | top:K | sample:K``);
 * :mod:`.checks` — mask, label and option checks;
+* :mod:`.rightreasons` — the literature's mask-based losses as ``loss=`` options (RRR, RRR-GradCAM);
 * :mod:`.monitor` — collapse / no-effect detection (:class:`PriorMonitor`);
 * :mod:`.calibration` — ``lam="auto"`` (:func:`calibrate_lam`: λ from the gradient-norm ratio);
 * :mod:`.shared` — what :class:`negspace.callbacks.AttributionPrior` decides and computes without Lightning

@@ -4,13 +4,17 @@ The prior's strength λ has a narrow useful window that depends on the data, the
 and the initialisation (docs/priors.md, "Choosing λ"). Outside it, training fails silently in two ways:
 
 * **collapse** (λ too strong): the network stops depending on its input (a constant predictor, dead ReLUs).
-  All input attributions vanish, so the penalty drops to exactly 0, although no attribution moved *out of* the
-  mask. Detected when, for ``patience`` consecutive penalised steps, the total target attribution ``Σ|A|``
-  over the whole image is at most ``collapse_tol`` times its value at the first penalised step.
-* **no effect** (λ too weak): the attribution mass inside the mask stays high while ``λ·penalty`` is negligible
-  next to the task loss. Detected when, after ``warmup`` penalised steps and for ``patience`` consecutive ones,
-  the share of ``|A|`` inside the mask is at least ``mass_factor`` times the mask's area share (what a uniform
-  attribution would put there) and ``λ·penalty / task loss < ratio_floor``.
+  The input attributions shrink everywhere, so the penalty drops towards (or to exactly) 0, although no
+  attribution moved *out of* the mask, and the task loss stays at its chance value. Detected when, for
+  ``patience`` consecutive penalised steps, the total target attribution ``Σ|A|`` over the whole image is
+  exactly 0, or at most ``1 / collapse_drop`` of its peak while the task loss (a running mean) has not fallen
+  below ``(1 − loss_tol)`` times its first value.
+* **no effect** (λ too weak): the attribution mass inside the mask stays high. Detected when, after ``warmup``
+  penalised steps and for ``patience`` consecutive ones, the share of ``|A|`` inside the mask is at least
+  ``mass_factor`` times the mask's area share (what a uniform attribution would put there) and
+  ``λ·penalty / task loss < ratio_floor``. The ratio test is off by default (``ratio_floor=inf``): in our
+  measurements (docs/priors.md, "Choosing λ") a prior without effect can reach a loss ratio of 0.5 — its
+  gradient, not its value, is what is too small — so the mass alone is the reliable signal.
 
 :class:`PriorMonitor` holds only counters and floats (checkpointable); :func:`step_signals` reads one
 :class:`negspace.priors.PriorResult`.
@@ -60,11 +64,14 @@ class PriorMonitor:
 
     patience: int = 20
     warmup: int = 50
-    collapse_tol: float = 1e-6
-    mass_factor: float = 2.0
-    ratio_floor: float = 0.01
+    collapse_drop: float = 10.0
+    loss_tol: float = 0.05
+    mass_factor: float = 3.0
+    ratio_floor: float = math.inf
     steps: int = 0
     ref_total: float = -1.0
+    first_loss: float = -1.0
+    mean_loss: float = -1.0
     zero_run: int = 0
     weak_run: int = 0
     collapsed: bool = False
@@ -76,18 +83,21 @@ class PriorMonitor:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "patience" else 0):
                 raise ValueError(f"{key} must be an int >= {1 if key == 'patience' else 0}, got {v!r}")
-        for key in ("collapse_tol", "mass_factor", "ratio_floor"):
+        for key in ("collapse_drop", "loss_tol", "mass_factor", "ratio_floor"):
             v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{key} must be a finite float >= 0, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v) or v < 0:
+                raise ValueError(f"{key} must be a float >= 0, got {v!r}")
 
     def update(self, signals: dict[str, float], lam: float, task_loss: float) -> tuple[dict[str, float], list[str]]:
         """One penalised step. ``signals`` from :func:`step_signals`; ``task_loss`` = the loss without the prior."""
         self.steps += 1
         total = signals["attr_total"]
-        if self.ref_total < 0 and total > 0:
-            self.ref_total = total
-        vanished = total == 0.0 or (self.ref_total > 0 and total <= self.collapse_tol * self.ref_total)
+        self.ref_total = max(self.ref_total, total)  # the peak input dependence
+        if self.first_loss < 0:
+            self.first_loss = self.mean_loss = task_loss
+        self.mean_loss = 0.9 * self.mean_loss + 0.1 * task_loss
+        stuck = self.mean_loss >= (1.0 - self.loss_tol) * self.first_loss
+        vanished = total == 0.0 or (stuck and total * self.collapse_drop <= self.ref_total)
         self.zero_run = self.zero_run + 1 if vanished else 0
         ratio = lam * signals["penalty"] / task_loss if task_loss > 0 else math.inf
         weak = (signals["mass_in_mask"] >= self.mass_factor * signals["mask_area"] and ratio < self.ratio_floor)
@@ -106,9 +116,10 @@ class PriorMonitor:
         """The warning for ``cause`` (``"collapsed"`` or ``"no_effect"``): what happened and what to do."""
         s = self.last
         if cause == "collapsed":
-            return (f"the model collapsed: for {self.zero_run} penalised steps its input attributions vanished over "
-                    f"the whole image (Σ|A| = {s.get('attr_total', 0.0):.3g}, first step {self.ref_total:.3g}), so "
-                    "the penalty is 0 because the network ignores its input (a constant predictor), not because it "
+            return (f"the model collapsed: for {self.zero_run} penalised steps its input attributions shrank over "
+                    f"the whole image (Σ|A| = {s.get('attr_total', 0.0):.3g}, peak {max(self.ref_total, 0.0):.3g}) "
+                    f"while the task loss stayed at {self.mean_loss:.3g} (first step {self.first_loss:.3g}): the "
+                    "penalty is small because the network ignores its input (a constant predictor), not because it "
                     f"ignores the mask. lam={s.get('lam', 0.0):.3g} is too strong for this data and model: lower it "
                     "10x, use lam='auto' or normalize='fraction', start later (start_step=, lam_schedule='linear:N'), "
                     "or find the window with `negspace sweep`")
@@ -122,10 +133,12 @@ class PriorMonitor:
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and floats only (``weights_only=True`` loadable)."""
-        return {"steps": self.steps, "ref_total": self.ref_total, "zero_run": self.zero_run,
+        return {"steps": self.steps, "ref_total": self.ref_total, "first_loss": self.first_loss,
+                "mean_loss": self.mean_loss, "zero_run": self.zero_run,
                 "weak_run": self.weak_run, "collapsed": int(self.collapsed), "no_effect": int(self.no_effect)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps, self.ref_total = int(state.get("steps", 0)), float(state.get("ref_total", -1.0))
+        self.first_loss, self.mean_loss = float(state.get("first_loss", -1.0)), float(state.get("mean_loss", -1.0))
         self.zero_run, self.weak_run = int(state.get("zero_run", 0)), int(state.get("weak_run", 0))
         self.collapsed, self.no_effect = bool(state.get("collapsed", 0)), bool(state.get("no_effect", 0))
