@@ -117,6 +117,11 @@ def test_monitor_gradual_collapse_needs_a_stuck_task_loss():
     assert run([0.693] * 6) == ["collapsed"]  # loss stuck at chance: a constant predictor
     assert run([0.693, 0.6, 0.4, 0.3, 0.2, 0.1]) == []  # the task is learnt: not a collapse
 
+    mon = PriorMonitor(patience=3, warmup=0, stall=5)  # attributions intact, task loss pinned at chance
+    steady = {"penalty": 0.2, "attr_total": 1.0, "mass_in_mask": 0.05, "mask_area": 0.05}
+    flags = [mon.update(steady, lam=1.0, task_loss=0.693)[1] for _ in range(6)]
+    assert flags == [[], [], [], [], ["collapsed"], []]
+
 
 def test_step_signals_by_hand():
     model = nn.Sequential(nn.Flatten(), nn.Linear(HW * HW, 2, bias=False))
@@ -238,3 +243,22 @@ def test_auto_lam_backs_off_on_collapse():
     _, msgs = fit(cb, module, Data())
     assert not cb.calibrated and cb.lam == pytest.approx(0.1)
     assert any("collapsed" in m for m in msgs)
+
+
+@pytest.mark.parametrize("norm_mode", ["shared", "separate"])
+def test_callback_fraction_step_equals_hand_written_step(norm_mode):
+    data = Data()
+    batch = next(iter(DataLoader(data, batch_size=4)))
+    ref = Module()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    loss = F.cross_entropy(ref(batch["image"]), batch["label"]) + 3.0 * prior_loss(
+        ref, batch["image"], batch["label"], batch["mask"], normalize="fraction")
+    loss.backward()
+    opt.step()
+    module = Module()
+    cb = AttributionPrior(lam=3.0, normalize="fraction", norm_mode=norm_mode, monitor=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, callbacks=[cb], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    for a, b in zip(module.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

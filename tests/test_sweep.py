@@ -62,11 +62,12 @@ def test_sweep_command_end_to_end(tmp_path, capsys):
     cfg = tmp_path / "recipe.yaml"
     cfg.write_text(yaml.safe_dump(RECIPE))
     out = tmp_path / "sweep"
-    summary = run_cli(["sweep", "--config", str(cfg), "--lam", "0.1,1", "--out", str(out),
+    summary = run_cli(["sweep", "--config", str(cfg), "--lam", "0.1,auto", "--out", str(out),
                        "--", "--trainer.limit_train_batches=2"])
-    assert [r["lam"] for r in summary["rows"]] == [0.1, 1.0]
+    assert [r["lam"] for r in summary["rows"]] == [0.1, "auto"]
     assert all(0.0 <= r["score"] <= 1.0 for r in summary["rows"])
-    assert summary["selected"] in (0.1, 1.0)
+    assert summary["selected"] in (0.1, "auto")
+    assert summary["rows"][1]["lam_used"] > 0  # the calibrated λ
     printed = capsys.readouterr().out
     assert "| λ | val no_bias" in printed and "selected" in printed
     selected = yaml.safe_load((out / "selected.yaml").read_text())

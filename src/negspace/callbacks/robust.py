@@ -196,6 +196,7 @@ class JTT(_RobustLoss):
         self.errors: Tensor | None = None
         self.normalizer = 1.0
         self._init: dict[str, Tensor] | None = None
+        self._ids = torch.zeros(0, dtype=torch.long)  # sample ids of the current batch (set by the wrapper)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.errors is None:

@@ -8,7 +8,8 @@ and the initialisation (docs/priors.md, "Choosing λ"). Outside it, training fai
   attribution moved *out of* the mask, and the task loss stays at its chance value. Detected when, for
   ``patience`` consecutive penalised steps, the total target attribution ``Σ|A|`` over the whole image is
   exactly 0, or at most ``1 / collapse_drop`` of its peak while the task loss (a running mean) has not fallen
-  below ``(1 − loss_tol)`` times its first value.
+  below ``(1 − loss_tol)`` times its first value; or when that task loss has not moved for ``stall`` penalised
+  steps (the scale-free form can pin a model at chance without shrinking its attributions).
 * **no effect** (λ too weak): the attribution mass inside the mask stays high. Detected when, after ``warmup``
   penalised steps and for ``patience`` consecutive ones, the share of ``|A|`` inside the mask is at least
   ``mass_factor`` times the mask's area share (what a uniform attribution would put there) and
@@ -66,6 +67,8 @@ class PriorMonitor:
     warmup: int = 50
     collapse_drop: float = 10.0
     loss_tol: float = 0.05
+    stall: int = 100
+    stuck_run: int = 0
     mass_factor: float = 3.0
     ratio_floor: float = math.inf
     steps: int = 0
@@ -79,7 +82,7 @@ class PriorMonitor:
     last: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for key in ("patience", "warmup"):
+        for key in ("patience", "warmup", "stall"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "patience" else 0):
                 raise ValueError(f"{key} must be an int >= {1 if key == 'patience' else 0}, got {v!r}")
@@ -97,13 +100,14 @@ class PriorMonitor:
             self.first_loss = self.mean_loss = task_loss
         self.mean_loss = 0.9 * self.mean_loss + 0.1 * task_loss
         stuck = self.mean_loss >= (1.0 - self.loss_tol) * self.first_loss
+        self.stuck_run = self.stuck_run + 1 if stuck else 0
         vanished = total == 0.0 or (stuck and total * self.collapse_drop <= self.ref_total)
         self.zero_run = self.zero_run + 1 if vanished else 0
         ratio = lam * signals["penalty"] / task_loss if task_loss > 0 else math.inf
         weak = (signals["mass_in_mask"] >= self.mass_factor * signals["mask_area"] and ratio < self.ratio_floor)
         self.weak_run = self.weak_run + 1 if weak and self.steps > self.warmup else 0
         was = (self.collapsed, self.no_effect)
-        self.collapsed = self.zero_run >= self.patience
+        self.collapsed = self.zero_run >= self.patience or self.stuck_run >= self.stall
         self.no_effect = self.weak_run >= self.patience
         self.last = {**signals, "lam": lam, "task_loss": task_loss, "ratio": ratio}
         new = [k for k, (before, now) in zip(("collapsed", "no_effect"), zip(was, (self.collapsed, self.no_effect)),
@@ -116,7 +120,8 @@ class PriorMonitor:
         """The warning for ``cause`` (``"collapsed"`` or ``"no_effect"``): what happened and what to do."""
         s = self.last
         if cause == "collapsed":
-            return (f"the model collapsed: for {self.zero_run} penalised steps its input attributions shrank over "
+            return (f"the model collapsed: for {max(self.zero_run, self.stuck_run)} penalised steps its task loss "
+                    f"did not move from chance or its input attributions shrank over "
                     f"the whole image (Σ|A| = {s.get('attr_total', 0.0):.3g}, peak {max(self.ref_total, 0.0):.3g}) "
                     f"while the task loss stayed at {self.mean_loss:.3g} (first step {self.first_loss:.3g}): the "
                     "penalty is small because the network ignores its input (a constant predictor), not because it "
@@ -134,11 +139,12 @@ class PriorMonitor:
     def state_dict(self) -> dict[str, Any]:
         """Counters and floats only (``weights_only=True`` loadable)."""
         return {"steps": self.steps, "ref_total": self.ref_total, "first_loss": self.first_loss,
-                "mean_loss": self.mean_loss, "zero_run": self.zero_run,
+                "mean_loss": self.mean_loss, "zero_run": self.zero_run, "stuck_run": self.stuck_run,
                 "weak_run": self.weak_run, "collapsed": int(self.collapsed), "no_effect": int(self.no_effect)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps, self.ref_total = int(state.get("steps", 0)), float(state.get("ref_total", -1.0))
         self.first_loss, self.mean_loss = float(state.get("first_loss", -1.0)), float(state.get("mean_loss", -1.0))
         self.zero_run, self.weak_run = int(state.get("zero_run", 0)), int(state.get("weak_run", 0))
+        self.stuck_run = int(state.get("stuck_run", 0))
         self.collapsed, self.no_effect = bool(state.get("collapsed", 0)), bool(state.get("no_effect", 0))

@@ -16,6 +16,7 @@ from negspace._lazy import attach
 # public name -> submodule of this package that defines it
 _LAZY: dict[str, str] = {
     "CRITERIA": "losses",
+    "check_criterion": "losses",
     "group_counts": "losses",
     "inverse_frequency_weights": "losses",
     "per_sample_loss": "losses",
