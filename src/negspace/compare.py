@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+from negspace.demo import CLASS_NAMES, SPLITS, LesionRunConfig, evaluate_splits, mean_std
 
 __all__ = ["COMPARE_METHODS", "CompareConfig", "run_compare"]
 
@@ -37,24 +38,12 @@ COMPARE_METHODS: dict[str, tuple[str, str | None]] = {
     "jtt": ("JTT", "λ_up"),
     "dfr": ("DFR (last layer on held-out groups)", "C"),
 }
-SPLITS = ("train_bias", "inverse_bias", "no_bias")
-CLASS_NAMES = ("benign", "malignant")
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(LesionRunConfig):
     """Everything a comparison run depends on (written to ``results.json``)."""
 
-    seeds: int = 3
-    epochs: int = 24
-    n_train: int = 800
-    n_val: int = 300
-    n_test: int = 300
-    image_size: int = 32
-    width: int = 16
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
     budget: int = 4
     methods: list[str] = field(default_factory=lambda: list(COMPARE_METHODS))
     grids: dict[str, list[float]] = field(default_factory=lambda: {
@@ -84,14 +73,6 @@ def _callbacks(cfg: CompareConfig, method: str, value: float) -> list[Any]:
     if method == "jtt":
         return [JTT(first_epochs=max(1, cfg.epochs // 4), lam_up=value, criterion="bce")]
     return []
-
-
-def _evaluate(trainer: Any, module: Any, dm: Any, report: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    trainer.limit_val_batches = 1.0
-    trainer.validate(module, datamodule=dm, verbose=False)
-    val = report.result
-    trainer.test(module, datamodule=dm, verbose=False)
-    return val, report.result
 
 
 def _run(cfg: CompareConfig, method: str, value: float, seed: int, erm: Any = None) -> dict[str, Any]:
@@ -128,17 +109,9 @@ def _run(cfg: CompareConfig, method: str, value: float, seed: int, erm: Any = No
                             callbacks=[report, *_callbacks(cfg, method, value)], **kw)
         trainer.fit(module, datamodule=dm)
         seconds = time.perf_counter() - t0
-    val, test = _evaluate(trainer, module, dm, report)
+    val, test = evaluate_splits(trainer, module, dm, report)
     return {"val": val, "test": test, "seconds_per_epoch": seconds / cfg.epochs, "module": module,
             "seconds": seconds}
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    m = sum(vals) / len(vals)
-    return m, (math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
 
 
 def _aggregate(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -146,9 +119,9 @@ def _aggregate(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, An
     std: dict[str, Any] = {}
     for split in SPLITS:
         for key in runs[0]["test"][split]:
-            mean.setdefault(split, {})[key], std.setdefault(split, {})[key] = _mean_std(
+            mean.setdefault(split, {})[key], std.setdefault(split, {})[key] = mean_std(
                 [r["test"][split][key] for r in runs])
-    mean["worst"], std["worst"] = _mean_std([r["test"]["worst"] for r in runs])
+    mean["worst"], std["worst"] = mean_std([r["test"]["worst"] for r in runs])
     return mean, std
 
 
@@ -185,16 +158,16 @@ def run_compare(out: str = "negspace_compare", progress: bool = True, **override
                 if progress:
                     print(f"  {method:>12s} {value:<7g} seed={seed}: val no_bias Avg. {res['val']['no_bias']['avg']:.3f}, "
                           f"test worst group {res['test']['worst']:.3f} ({res['seconds']:.0f} s)", flush=True)
-    base = _mean_std([r["seconds_per_epoch"] for r in runs.get("erm", {}).get(0.0, [])])[0]
+    base = mean_std([r["seconds_per_epoch"] for r in runs.get("erm", {}).get(0.0, [])])[0]
     rows, stds, picked, rel = {}, {}, {}, {}
     for method, by_value in runs.items():
-        scores = {v: _mean_std([r["val"]["no_bias"]["avg"] for r in rs])[0] for v, rs in by_value.items()}
+        scores = {v: mean_std([r["val"]["no_bias"]["avg"] for r in rs])[0] for v, rs in by_value.items()}
         best = max(scores, key=lambda v: (scores[v], -v))
         label, param = COMPARE_METHODS[method]
         name = label + (f" ({param}={best:g})" if param else "")
         rows[name], stds[name] = _aggregate(by_value[best])
         picked[method] = {"value": best, "val_no_bias": scores}
-        rel[name] = _mean_std([r["seconds_per_epoch"] for r in by_value[best]])[0] / base if base else float("nan")
+        rel[name] = mean_std([r["seconds_per_epoch"] for r in by_value[best]])[0] / base if base else float("nan")
     table = format_table(rows, class_names=CLASS_NAMES, splits=SPLITS, spurious_class=0,
                          stds=stds if cfg.seeds > 1 else None)
     extra = ["| Method | worst group (test) | time / epoch vs ERM |", "|---|---|---|"]

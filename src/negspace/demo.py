@@ -41,8 +41,8 @@ SPLITS = ("train_bias", "inverse_bias", "no_bias")
 
 
 @dataclass
-class DemoConfig:
-    """Everything a demo run depends on (written to ``config.json``)."""
+class LesionRunConfig:
+    """What every run on the built-in lesions shares (the demo's and the comparison's configs extend it)."""
 
     seeds: int = 3
     epochs: int = 24
@@ -54,6 +54,12 @@ class DemoConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
+
+
+@dataclass
+class DemoConfig(LesionRunConfig):
+    """Everything a demo run depends on (written to ``config.json``)."""
+
     lambdas: list[float] = field(default_factory=lambda: [3.0, 10.0, 30.0, 100.0])
     method: str = "input_x_gradient"
     start_step: int = 0
@@ -163,15 +169,20 @@ def _run_one(cfg: DemoConfig, setting: str, mode: str | None, unbiased: bool, la
     )
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
+    val, test = evaluate_splits(trainer, module, dm, report)
+    return {"val": val, "test": test, "seconds": time.perf_counter() - t0}
+
+
+def evaluate_splits(trainer: Any, module: Any, dm: Any, report: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validate (all batches) and test a fitted module; ``(val, test)`` results of its ``BiasedSplitReport``."""
     trainer.limit_val_batches = 1.0
     trainer.validate(module, datamodule=dm, verbose=False)
     val = report.result
     trainer.test(module, datamodule=dm, verbose=False)
-    test = report.result
-    return {"val": val, "test": test, "seconds": time.perf_counter() - t0}
+    return val, report.result
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     vals = [v for v in values if not math.isnan(v)]
     if not vals:
         return float("nan"), float("nan")
@@ -186,7 +197,7 @@ def _aggregate(results: list[dict[str, Any]], stage: str) -> tuple[dict[str, dic
     for split in SPLITS:
         keys = results[0][stage][split].keys()
         for key in keys:
-            m, s = _mean_std([r[stage][split][key] for r in results])
+            m, s = mean_std([r[stage][split][key] for r in results])
             mean.setdefault(split, {})[key] = m
             std.setdefault(split, {})[key] = s
     return mean, std
@@ -199,7 +210,7 @@ def summarise(runs: dict[tuple[str, float], list[dict[str, Any]]]) -> dict[str, 
         candidates = {lam: rs for (s, lam), rs in runs.items() if s == setting}
         if not candidates:
             continue
-        scores = {lam: _mean_std([r["val"]["no_bias"]["avg"] for r in rs])[0] for lam, rs in candidates.items()}
+        scores = {lam: mean_std([r["val"]["no_bias"]["avg"] for r in rs])[0] for lam, rs in candidates.items()}
         summary["sweep"][setting] = scores
         best = select_lam([{"lam": lam, "score": r["val"]["no_bias"]["avg"], "collapsed": bool(r.get("collapsed"))}
                            for lam, rs in candidates.items() for r in rs])  # the `negspace sweep` rule
@@ -432,11 +443,8 @@ def _finetune_one(cfg: FinetuneConfig, setting: str, mode: str | None, unbiased:
                         **_trainer_kwargs(progress))
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
-    trainer.limit_val_batches = 1.0
-    trainer.validate(module, datamodule=dm, verbose=False)
-    val = report.result
-    trainer.test(module, datamodule=dm, verbose=False)
-    return {"val": val, "test": report.result, "seconds": time.perf_counter() - t0}
+    val, test = evaluate_splits(trainer, module, dm, report)
+    return {"val": val, "test": test, "seconds": time.perf_counter() - t0}
 
 
 def run_finetune_demo(quick: bool = False, out: str = "negspace_finetune_demo", progress: bool = True,
