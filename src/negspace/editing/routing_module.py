@@ -94,7 +94,7 @@ class RoutedLayer(nn.Module):
         neurons: routed channels (structure, fixed at construction).
         centroids: per neuron ``(k_n, C)``; buffers ``centroids_i``.
         scales: per neuron ``(k_n,)``; buffers ``scales_i``.
-        mode: ``"sample"`` or ``"position"``; reduce: the neuron's spatial reduction.
+        mode: ``"sample"`` or ``"position"``; reduce: the circuit seed of the fitted set (``vn.reduce``; default the paper's ``"relu"``).
     """
 
     def __init__(
@@ -104,7 +104,7 @@ class RoutedLayer(nn.Module):
         centroids: Sequence[Tensor],
         scales: Sequence[Tensor],
         mode: str = "sample",
-        reduce: str = "max",
+        reduce: str = "relu",
     ) -> None:
         super().__init__()
         if not is_fast_module(layer):
@@ -141,7 +141,7 @@ class RoutedBlock(nn.Module):
 
     def __init__(
         self, segment: nn.Module, neurons: Sequence[int], centroids: Sequence[Tensor], scales: Sequence[Tensor],
-        reduce: str = "max",
+        reduce: str = "relu",
     ) -> None:
         super().__init__()
         if not len(neurons) == len(centroids) == len(scales):
