@@ -32,7 +32,7 @@ def test_demo_parser_defaults_and_errors(capsys):
     assert args.quick and args.seeds == 2 and args.lambdas == [1.0, 10.0] and args.out == "negspace_demo"
     with pytest.raises(SystemExit):
         demo_parser().parse_args(["--seeds", "x"])
-    from negspace.demo import _config
+    from negspace.demo.table2 import _config
 
     with pytest.raises(ValueError, match="seeds"):
         _config(False, 0, None, None, None, None)

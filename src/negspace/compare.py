@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from negspace.demo import CLASS_NAMES, SPLITS, LesionRunConfig, evaluate_splits, mean_std
+from negspace.demo.common import CLASS_NAMES, SPLITS, LesionRunConfig, evaluate_splits, mean_std
 
 __all__ = ["COMPARE_METHODS", "CompareConfig", "run_compare"]
 

@@ -218,9 +218,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every submodule in eval mode (BatchNorm running stats, no dropout) and restore each submodule's
     own flag on exit, also after an exception.
 
-    The one way negspace switches modes for analysis: unlike ``was = model.training; model.eval(); ...;
-    model.train(was)``, it keeps an intentionally frozen eval-mode submodule (a BatchNorm backbone being
-    fine-tuned with frozen statistics) in eval mode afterwards.
+    The one way negspace switches modes for analysis: unlike saving ``model.training``, calling ``model.eval()``
+    and restoring the saved flag on the root, it keeps an intentionally frozen eval-mode submodule (a BatchNorm
+    backbone being fine-tuned with frozen statistics) in eval mode afterwards.
     """
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
