@@ -54,6 +54,8 @@ def demo_parser() -> argparse.ArgumentParser:
     ft.add_argument("--finetune", action="store_true", help="run the fine-tuning demo instead")
     p.add_argument("--compare", action="store_true", help="compare negspace's prior with RRR, RRR-GradCAM, "
                    "reweighting, GroupDRO, JTT and DFR in one harness (docs/baselines.md; --quick: 1 seed, budget 2)")
+    p.add_argument("--budget", type=int, default=None, help="with --compare: values tried per method's hyper-parameter "
+                   "(default 4; --quick: 2)")
     ft.add_argument("--model", default=None, help="backbone, e.g. timm:resnet10t (default), timm:resnet18 or xsmallcnn")
     ft.add_argument("--lr", type=float, default=None, help="fine-tuning lr of the head (default 1e-3; the backbone gets lr x multiplier)")
     ft.add_argument("--backbone-lr-mult", type=float, default=None, help="backbone lr multiplier (default 0.1)")
@@ -68,8 +70,9 @@ def _run_demo(argv: Sequence[str]) -> dict[str, Any]:
         from negspace.compare import run_compare
 
         quick = {"seeds": 1, "budget": 2} if args.quick else {}
+        given = {k: v for k, v in (("seeds", args.seeds), ("budget", args.budget)) if v is not None}
         return run_compare(out=args.out if args.out != "negspace_demo" else "negspace_compare",
-                           progress=not args.no_progress, **{**quick, **({"seeds": args.seeds} if args.seeds else {})},
+                           progress=not args.no_progress, **{**quick, **given},
                            epochs=args.epochs, n_train=args.n_train, image_size=args.image_size)
     if args.finetune:
         from negspace.demo import run_finetune_demo
