@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -37,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from negspace.priors import attributed_model, capture_training_forward, penalty_step
+from priors import peak_step_memory_mb  # the sibling benchmark script (same directory)
 
 B, HW, PATCH = 32, 64, 16
 MODELS = ("resnet18", "resnet50", "efficientnet_b0", "convnext_atto", "vit_tiny_patch16_224", "xresnet18")
@@ -88,26 +87,6 @@ def make_steps(model: nn.Module, opt: torch.optim.Optimizer, norm_mode: str) -> 
     return {"plain": step(None), "presence": step("presence"), "presence_absence": step("presence_absence")}, plans
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_step_mb(fn: Callable[[], None]) -> float:
-    """``VmHWM − VmRSS(before)`` of one step after ``malloc_trim`` and a high-water-mark reset (Linux)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _rss_kb("VmRSS")
-    fn()
-    return (_rss_kb("VmHWM") - before) / 1024
-
-
 def saved_mb(fn: Callable[[], None]) -> float:
     """MB of the distinct tensors autograd saves while ``fn`` runs (forward and ``create_graph`` backward)."""
     seen: dict[tuple[int, int], int] = {}
@@ -132,7 +111,7 @@ def bench(name: str, repeats: int, norm_mode: str, memory: bool) -> dict[str, di
     for v, fn in steps.items():  # warm-up doubles as the memory measurement
         if memory:
             try:
-                out[v]["peak"] = peak_step_mb(fn)
+                out[v]["peak"] = peak_step_memory_mb(fn)
             except OSError:
                 memory = False
                 fn()
