@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from negspace.attribution.engine import check_input
-from negspace.hooks import get_layer
+from negspace.hooks import capture
 from negspace.priors.checks import check_labels, check_mask
 from negspace.priors.loss import PriorResult, masked_index
 
@@ -65,16 +65,11 @@ def gradcam_map(
     net = network if network is not None else model
     if not isinstance(net, nn.Module):
         raise TypeError(f"GradCAM needs an nn.Module holding layer={layer!r} (network=), got {type(net).__name__}")
-    mod = get_layer(net, layer)
-    slot: list[Tensor] = []
-    handle = mod.register_forward_hook(lambda m, a, out: slot.append(out))
-    try:
+    with capture(net, layer) as cap:  # the one layer-output capture (scoped hook, kept in the graph)
         logits = model(x)
-    finally:
-        handle.remove()
-    if len(slot) != 1 or not isinstance(slot[0], Tensor) or slot[0].dim() != 4:
-        raise ValueError(f"layer={layer!r} must be called once per forward and return (B, K, h, w) activations")
-    act = slot[0]
+    act = cap.activations.get(layer)
+    if act is None or act.dim() != 4:
+        raise ValueError(f"layer={layer!r} must run in the forward and return (B, K, h, w) activations")
     (grad,) = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), act, create_graph=True)
     alpha = grad.mean(dim=(2, 3), keepdim=True)
     return F.relu((alpha * act).sum(1))
