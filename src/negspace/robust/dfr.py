@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from negspace.batch import BatchKeys, Data, iter_batches
@@ -55,33 +54,31 @@ def balanced_subset(groups: Tensor, generator: torch.Generator | None = None) ->
     return torch.cat([i[torch.randperm(len(i), generator=generator)[:n]] for i in ids]).sort().values
 
 
-def _l1_logreg(z: Tensor, y: Tensor, k: int, c: float, steps: int, bias: bool) -> tuple[Tensor, Tensor]:
-    """FISTA on ``mean CE(z Wᵀ + b) + |W|₁ / (C n)`` (sklearn's ``C Σ loss + |W|₁``, divided by ``C n``)."""
-    n, d = z.shape
-    lip = 0.5 * (torch.linalg.matrix_norm(z, 2) ** 2 + (n if bias else 0)) / n
-    lr, reg = 1.0 / float(lip), 1.0 / (c * n)
-    w, b = z.new_zeros(k, d), z.new_zeros(k)
-    w_prev, b_prev, t = w, b, 1.0
-    for _ in range(steps):
-        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
-        mom = (t - 1) / t_next
-        vw, vb = w + mom * (w - w_prev), b + mom * (b - b_prev)
-        with torch.enable_grad():
-            vw.requires_grad_(True)
-            vb.requires_grad_(bias)
-            loss = F.cross_entropy(z @ vw.T + (vb if bias else 0.0), y)
-            grads = torch.autograd.grad(loss, [vw, vb] if bias else [vw])
-        w_prev, b_prev = w, b
-        step = vw.detach() - lr * grads[0]
-        w = step.sign() * (step.abs() - lr * reg).clamp_min(0)  # soft threshold (proximal step of the L1 term)
-        b = vb.detach() - lr * grads[1] if bias else vb.detach()
-        t = t_next
+def _l1_logreg(z: Tensor, y: Tensor, k: int, c: float, bias: bool, seed: int) -> tuple[Tensor, Tensor]:
+    """scikit-learn's L1 logistic regression (``liblinear``, as DFR's reference code) → logits ``(k, D)``, ``(k,)``.
+
+    Two classes: sklearn's one score ``s`` becomes the logits ``(−s/2, s/2)`` (the same softmax); more classes:
+    its one-vs-rest scores are the logits."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(penalty="l1", C=c, solver="liblinear", fit_intercept=bias, random_state=seed,
+                             max_iter=1000)
+    clf.fit(z.numpy(), y.numpy())
+    coef = torch.as_tensor(clf.coef_, dtype=z.dtype)
+    icpt = torch.as_tensor(clf.intercept_, dtype=z.dtype) if bias else z.new_zeros(coef.shape[0])
+    classes = torch.as_tensor(clf.classes_).long()
+    w, b = z.new_zeros(k, z.shape[1]), z.new_zeros(k)
+    if len(classes) == 2:
+        w[classes[0]], w[classes[1]] = -coef[0] / 2, coef[0] / 2
+        b[classes[0]], b[classes[1]] = -icpt[0] / 2, icpt[0] / 2
+    else:
+        w[classes], b[classes] = coef, icpt
     return w, b
 
 
 def fit_dfr(
     features: Tensor, labels: Tensor, groups: Tensor, *, num_classes: int | None = None, c: float = 1.0,
-    n_subsets: int = 10, steps: int = 300, bias: bool = True, seed: int = 0,
+    n_subsets: int = 10, bias: bool = True, seed: int = 0,
 ) -> DFRResult:
     """Refit a linear head on group-balanced subsets of held-out ``features (N, D)``; average the coefficients.
 
@@ -101,7 +98,7 @@ def fit_dfr(
     ws, bs = [], []
     for _ in range(n_subsets):
         idx = balanced_subset(groups, gen)
-        w, b = _l1_logreg(z[idx], labels[idx].long(), k, c, steps, bias)
+        w, b = _l1_logreg(z[idx], labels[idx].long(), k, c, bias, seed)
         ws.append(w)
         bs.append(b)
     w = torch.stack(ws).mean(0) / sd  # back to the original feature space
