@@ -1,8 +1,9 @@
 """Group-robust baselines as callbacks: ``GroupReweighting``, ``GroupDRO``, ``JTT`` (loss reweighting of an
 unmodified module) and ``DFR`` (last-layer refit after training). The maths is :mod:`negspace.robust`.
 
-The three loss callbacks wrap the module instance's ``training_step`` (restored in ``teardown``): the user's
-step runs unchanged, a forward hook keeps the logits of the network's call on the batch image, and the returned
+The three loss callbacks register with the same ``training_step`` wrapper as ``AttributionPrior``
+(:func:`negspace.priors.shared.install_step_wrapper`, restored in ``teardown``): the user's step runs
+unchanged, a scoped forward hook keeps the logits of the network's call on the batch image, and the returned
 loss is replaced by the weighted per-sample ``criterion`` of those logits (``"ce"`` or ``"bce"``, as
 ``ClassifierModule(loss=...)``; other terms your step adds are dropped). They do not combine with
 ``AttributionPrior`` or with each other (checked at setup).
@@ -10,8 +11,8 @@ loss is replaced by the weighted per-sample ``criterion`` of those logits (``"ce
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from negspace.batch import BatchKeys, iter_batches
 from negspace.hooks import get_layer
+from negspace.priors.shared import install_step_wrapper, uninstall_step_wrapper
 from negspace.robust.dfr import fit_dfr, head_features, set_head
 from negspace.robust.groupdro import groupdro_loss
 from negspace.robust.jtt import error_set, jtt_weights
@@ -32,9 +34,6 @@ from negspace.robust.losses import (
 )
 
 __all__ = ["DFR", "JTT", "GroupDRO", "GroupReweighting"]
-
-_SLOT = "_negspace_robust_step"
-
 
 class _RobustLoss(Callback):
     """Shared machinery: wrap ``training_step``, capture the logits, replace the loss by ``self._loss(...)``."""
@@ -52,6 +51,9 @@ class _RobustLoss(Callback):
         """The replacement loss of one batch (``None``: keep the module's own loss)."""
         return None
 
+    def _on_batch(self, batch: Any) -> None:
+        """See the raw training batch before the user's step runs (JTT reads its sample ids)."""
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -60,53 +62,47 @@ class _RobustLoss(Callback):
         clash = [type(c).__name__ for c in trainer.callbacks if c is not self and isinstance(c, _RobustLoss | AttributionPrior)]
         if clash:
             raise ValueError(f"{type(self).__name__} replaces the training loss and cannot be combined with {clash}")
-        net = pl_module if self.forward is None else get_layer(pl_module, self.forward)
-        user_step = pl_module.training_step
+        self._net = pl_module if self.forward is None else get_layer(pl_module, self.forward)
+        install_step_wrapper(pl_module, self)  # the one training_step wrapper (shared with AttributionPrior)
 
-        @functools.wraps(user_step)
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            batch = args[0] if args else kwargs.get("batch")
-            b = self._keys.unpack(batch, require=("image", "label", self.role), who=type(self).__name__)
-            slot: dict[str, Any] = {}
+    @contextlib.contextmanager
+    def _capture(self, module: LightningModule, batch: Any) -> Iterator[None]:
+        """While the user's step runs, keep the network's output of its call on the batch image."""
+        b = self._keys.unpack(batch, require=("image", "label", self.role), who=type(self).__name__)
+        self._on_batch(batch)
+        slot: dict[str, Any] = {}
 
-            def hook(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
-                if "out" not in slot and inputs and inputs[0] is b.image:
-                    slot["out"] = out
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
+            if "out" not in slot and inputs and inputs[0] is b.image:
+                slot["out"] = out
 
-            handle = net.register_forward_hook(hook)
-            try:
-                out = user_step(*args, **kwargs)
-            finally:
-                handle.remove()
-            if out is None:
-                return out
-            if "out" not in slot:
-                raise ValueError(f"{type(self).__name__}: training_step did not call the network (forward="
-                                 f"{self.forward!r}) on the batch image tensor; pass forward= naming the submodule")
-            logits = slot["out"]["logits"] if isinstance(slot["out"], Mapping) else slot["out"]
-            logits = logits[0] if isinstance(logits, tuple | list) else logits
-            loss = self._loss(per_sample_loss(logits, b.label, self.criterion), b, pl_module)  # type: ignore[arg-type]
-            if loss is None:
-                return out
-            return loss if isinstance(out, Tensor) else {**out, "loss": loss}
+        handle = self._net.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+        self._step = (b, slot.get("out"))
 
-        pl_module.__dict__[_SLOT] = ("training_step" in pl_module.__dict__, pl_module.__dict__.get("training_step"))
-        pl_module.__dict__["training_step"] = training_step
-
-    def _restore(self, pl_module: LightningModule) -> None:
-        saved = pl_module.__dict__.pop(_SLOT, None)
-        if saved is None:
-            return
-        if saved[0]:
-            pl_module.__dict__["training_step"] = saved[1]
-        else:
-            pl_module.__dict__.pop("training_step", None)
+    def _add_to_output(self, module: LightningModule, batch: Any, out: Any) -> Any:
+        b, net_out = self._step
+        self._step = (None, None)
+        if out is None:
+            return out
+        if net_out is None:
+            raise ValueError(f"{type(self).__name__}: training_step did not call the network (forward="
+                             f"{self.forward!r}) on the batch image tensor; pass forward= naming the submodule")
+        logits = net_out["logits"] if isinstance(net_out, Mapping) else net_out
+        logits = logits[0] if isinstance(logits, tuple | list) else logits
+        loss = self._loss(per_sample_loss(logits, b.label, self.criterion), b, module)
+        if loss is None:
+            return out
+        return loss if isinstance(out, Tensor) else {**out, "loss": loss}
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._restore(pl_module)
+        uninstall_step_wrapper(pl_module, self)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._restore(pl_module)
+        uninstall_step_wrapper(pl_module, self)
 
     def _train_counts(self, trainer: Trainer, num: int | None = None) -> Tensor:
         keys = [getattr(b, self.role) for b in iter_batches(trainer.train_dataloader, self._keys,
@@ -220,21 +216,10 @@ class JTT(_RobustLoss):
         return weighted_mean(losses, jtt_weights(self._ids, self.errors, self.lam_up),
                              losses.shape[0] * self.normalizer)
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        step = pl_module.__dict__.get("training_step")
-        if stage != "fit" or step is None:
-            return
-
-        @functools.wraps(step)
-        def with_ids(*args: Any, **kwargs: Any) -> Any:
-            batch = args[0] if args else kwargs.get("batch")
-            if not isinstance(batch, Mapping) or self.index_key not in batch:
-                raise ValueError(f"JTT needs dict batches with an {self.index_key!r} key (sample ids)")
-            self._ids = torch.as_tensor(batch[self.index_key])
-            return step(*args, **kwargs)
-
-        pl_module.__dict__["training_step"] = with_ids
+    def _on_batch(self, batch: Any) -> None:
+        if not isinstance(batch, Mapping) or self.index_key not in batch:
+            raise ValueError(f"JTT needs dict batches with an {self.index_key!r} key (sample ids)")
+        self._ids = torch.as_tensor(batch[self.index_key])
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.errors is None else {"errors": self.errors, "normalizer": self.normalizer}
