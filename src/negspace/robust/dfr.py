@@ -59,10 +59,13 @@ def _l1_logreg(z: Tensor, y: Tensor, k: int, c: float, bias: bool, seed: int) ->
 
     Two classes: sklearn's one score ``s`` becomes the logits ``(−s/2, s/2)`` (the same softmax); more classes:
     its one-vs-rest scores are the logits."""
+    import sklearn
     from sklearn.linear_model import LogisticRegression
 
-    clf = LogisticRegression(penalty="l1", C=c, solver="liblinear", fit_intercept=bias, random_state=seed,
-                             max_iter=1000)
+    # scikit-learn 1.8 deprecated ``penalty`` in favour of ``l1_ratio``; older releases need ``penalty="l1"``
+    major, minor = (int(v) for v in sklearn.__version__.split(".")[:2])
+    l1 = {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
+    clf = LogisticRegression(**l1, C=c, solver="liblinear", fit_intercept=bias, random_state=seed, max_iter=1000)
     clf.fit(z.numpy(), y.numpy())
     coef = torch.as_tensor(clf.coef_, dtype=z.dtype)
     icpt = torch.as_tensor(clf.intercept_, dtype=z.dtype) if bias else z.new_zeros(coef.shape[0])
