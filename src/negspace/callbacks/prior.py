@@ -22,8 +22,9 @@ from torch import Tensor
 
 from negspace.batch import BatchKeys
 from negspace.callbacks.base import deprecated_kwarg
-from negspace.priors.calibration import AUTO_FRACTION, calibrate_lam, check_lam
+from negspace.priors.calibration import AUTO_FRACTION, LamController, check_lam
 from negspace.priors.checks import check_callback_options, check_normalize, check_options
+from negspace.priors.feed import MaskFeed
 from negspace.priors.loss import PriorResult
 from negspace.priors.monitor import PriorMonitor, step_signals
 from negspace.priors.rightreasons import check_loss
@@ -50,6 +51,12 @@ class AttributionPrior(Callback):
         mode, method, non_target, n_steps: as in :func:`negspace.priors.prior_loss`.
         batch_keys: where image, label and mask live in the batch (:mod:`negspace.batch`; tuples
             ``(image, label, mask[, ...])`` and dicts with ``image``/``label``/``mask`` by default).
+        mask: where the masks come from: ``None`` (the batch's mask, ``batch_keys``), a batch key, or a
+            :class:`negspace.masks.MaskSource` / callable ``images -> (B, 1, H, W)`` that computes them per batch
+            (no-grad, autocast off, not part of the prior's gradient; e.g. a :class:`negspace.masks.ConceptMask`,
+            whose layer names are relative to the attributed network, ``forward=``). A source that needs the
+            model is bound at fit start (a frozen copy by default) and its state is checkpointed; see
+            docs/maskfree.md.
         forward: what is attributed: ``None`` (the LightningModule, ``module(x)`` returns logits), a dotted
             attribute path (``"model"``), or a callable ``(module, x) -> output``. Non-tensor outputs are
             reduced with ``output_key`` (default ``out["logits"]`` for mappings, ``out[0]`` for tuples).
@@ -114,6 +121,7 @@ class AttributionPrior(Callback):
         normalize: str = "mask",
         auto_fraction: float = AUTO_FRACTION,
         monitor: bool | dict[str, float] = True,
+        mask: Any = None,
     ) -> None:
         super().__init__()
         if share_forward is not None:
@@ -126,13 +134,20 @@ class AttributionPrior(Callback):
         check_callback_options(lam=lam, start_step=start_step, on_nan=on_nan, name=name, forward=forward,
                                norm_mode=norm_mode, method=method, attribution_batch=attribution_batch)
         self.lam_auto = check_lam(lam)
-        self.lam = 1.0 if self.lam_auto else float(lam)  # lam='auto': replaced at the first penalised step
+        # lam='auto': λ comes from the controller (calibrated at the first penalised step, agreed across ranks)
+        self.auto = LamController(auto_fraction) if self.lam_auto else None
+        self.lam = 1.0 if self.lam_auto else float(lam)
         self.mode, self.method, self.non_target, self.n_steps = mode, method, non_target, n_steps
-        self.normalize, self.auto_fraction, self.calibrated = check_normalize(normalize), auto_fraction, False
+        self.normalize, self.auto_fraction = check_normalize(normalize), auto_fraction
         if not isinstance(monitor, bool | dict):
             raise TypeError(f"monitor must be True, False or a dict of PriorMonitor thresholds, got {monitor!r}")
         self.monitor = PriorMonitor(**(monitor if isinstance(monitor, dict) else {})) if monitor else None
-        self.batch_keys, self._keys = batch_keys, BatchKeys(batch_keys)
+        self.batch_keys, self._keys, self.mask, self.feed = batch_keys, BatchKeys(batch_keys), mask, MaskFeed(mask)
+        if self.feed.key is not None:
+            if self._keys.fn is not None:
+                raise ValueError("AttributionPrior: mask= names a batch key, but batch_keys is a callable; return "
+                                 "the mask from that callable instead")
+            self._keys.keys["mask"] = self.feed.key
         self.forward, self.output_key, self.start_step = forward, output_key, start_step
         self.lam_schedule, self._schedule = lam_schedule, parse_schedule(lam_schedule)
         self.baseline, self.internal_batch_size = baseline, internal_batch_size
@@ -148,6 +163,11 @@ class AttributionPrior(Callback):
         self.last_result: PriorResult | None = None
 
     # ---------------------------------------------------------------------------- Lightning hooks
+    @property
+    def calibrated(self) -> bool:
+        """``lam="auto"`` only: whether λ has been calibrated (and agreed across ranks)."""
+        return self.auto is not None and self.auto.calibrated
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
@@ -174,7 +194,24 @@ class AttributionPrior(Callback):
                 "in your training_step before `self.manual_backward(loss)`."
             )
             return
+        self.feed.check(self._network(pl_module), f"AttributionPrior({self.name!r})")
         install_step_wrapper(pl_module, self)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after the DDP wrap (equal weights on every rank) and the checkpoint restore (saved reference weights)
+        self.feed.bind(self._network(pl_module), f"AttributionPrior({self.name!r})")
+
+    def _network(self, pl_module: LightningModule) -> torch.nn.Module | None:
+        """The attributed network as a module (``forward=None``: the LightningModule; a dotted path: that
+        attribute if it is a module; a callable: ``None``)."""
+        if self.forward is None:
+            return pl_module
+        if callable(self.forward):
+            return None
+        target: Any = pl_module
+        for part in self.forward.split("."):
+            target = getattr(target, part, None)
+        return target if isinstance(target, torch.nn.Module) else None
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         uninstall_step_wrapper(pl_module, self)
@@ -183,9 +220,9 @@ class AttributionPrior(Callback):
         uninstall_step_wrapper(pl_module, self)  # Lightning does not call `teardown` when fit raises
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"penalised_batches": int(self.penalised_batches)}
-        if self.lam_auto:
-            state.update(lam=float(self.lam), calibrated=int(self.calibrated))
+        state: dict[str, Any] = {"penalised_batches": int(self.penalised_batches), **self.feed.state_dict()}
+        if self.auto is not None:
+            state.update(self.auto.state_dict())
         if self.monitor is not None:
             state["monitor"] = self.monitor.state_dict()
         if self.generator is not None:
@@ -194,8 +231,10 @@ class AttributionPrior(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.penalised_batches = int(state_dict.get("penalised_batches", 0))
-        if self.lam_auto and "lam" in state_dict:
-            self.lam, self.calibrated = float(state_dict["lam"]), bool(state_dict.get("calibrated", 0))
+        self.feed.load_state_dict(state_dict, f"AttributionPrior({self.name!r})")
+        if self.auto is not None and "lam" in state_dict:
+            self.auto.load_state_dict(state_dict)
+            self.lam = self.auto.lam
         if self.monitor is not None and "monitor" in state_dict:
             self.monitor.load_state_dict(state_dict["monitor"])
         gen_state = state_dict.get("generator_state")
@@ -211,13 +250,16 @@ class AttributionPrior(Callback):
             return 0.0
         return self.lam * (1.0 if self._schedule is None else float(self._schedule(step - self.start_step)))
 
-    def penalty(self, module: LightningModule, batch: Any) -> Tensor:
-        """``λ_eff · prior_loss`` for ``batch`` (0-dim; exactly 0 when inactive), for manual optimisation."""
+    def penalty(self, module: LightningModule, batch: Any, task_loss: Tensor | None = None) -> Tensor:
+        """``λ_eff · prior_loss`` for ``batch`` (0-dim; exactly 0 when inactive), for manual optimisation.
+
+        Pass the step's ``task_loss`` (with its graph) to get ``lam="auto"`` calibration and collapse / no-effect
+        detection as in automatic optimisation; without it neither runs (``lam="auto"`` then stays at 1)."""
         pen = self._weighted_penalty(module, batch)
         if pen is None:
             x = self._extract(batch)[0]
             return torch.zeros((), dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)
-        return pen
+        return self._watch(module, task_loss, pen)
 
     def _add_to_output(self, module: LightningModule, batch: Any, out: Any) -> Any:
         if out is None:  # the user skipped this batch
@@ -257,16 +299,19 @@ class AttributionPrior(Callback):
             self._warned.add(key)
             rank_zero_warn(f"AttributionPrior({self.name!r}): {msg}")
 
-    def _watch(self, module: LightningModule, task: Tensor, pen: Tensor) -> Tensor:
-        """``lam='auto'`` calibration (first penalised step) and collapse / no-effect detection; returns ``pen``."""
+    def _watch(self, module: LightningModule, task: Tensor | None, pen: Tensor) -> Tensor:
+        """``lam='auto'`` calibration (first penalised step), collapse / no-effect detection (both need the task
+        loss) and the ``<name>/lam`` log (after calibration); returns ``pen`` (rescaled when λ was calibrated)."""
         result, lam = self.last_result, self.effective_lam(self._step(module))
-        if result is None:
+        if result is None or task is None:
+            self._log_lam(module, lam, result)
             return pen
-        if self.lam_auto and not self.calibrated:
-            new = calibrate_lam(task, result.loss, module.parameters(), self.auto_fraction)
+        if self.auto is not None:  # the controller decides when to (re)calibrate; this rank's value is used at once
+            new = self.auto.propose(task, result.loss, module.parameters(), step=self._step(module))
             if new is not None:
-                pen, self.lam, self.calibrated = pen * (new / self.lam), new, True
+                pen, self.lam = pen * (new / self.lam), new
                 lam = self.effective_lam(self._step(module))
+        self._log_lam(module, lam, result)
         sig = step_signals(result) if self.monitor is not None else None
         if sig is None or self.monitor is None:
             return pen
@@ -276,9 +321,15 @@ class AttributionPrior(Callback):
                 module.log(f"{self.name}/{key}", float(value), on_step=True, on_epoch=False, batch_size=task.numel())
         for cause in causes:
             self._warn_once(cause, self.monitor.message(cause))
-            if cause == "collapsed" and self.lam_auto:  # back-off: a tenth of λ from the next step on
-                self.lam /= 10.0
+        if "collapsed" in causes and self.auto is not None:  # back-off: a tenth of λ from the next step on
+            self.auto.flag_collapse()
         return pen
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.feed.clear()
+        if self.auto is not None:  # every rank, every batch: the ranks agree on λ outside the penalty computation
+            self.lam = self.auto.sync()
 
     def _weighted_penalty(self, module: LightningModule, batch: Any) -> Tensor | None:
         step = self._step(module)
@@ -321,11 +372,18 @@ class AttributionPrior(Callback):
             return
         kw = {"on_step": True, "on_epoch": False}  # epoch-level sync would need every rank to log
         module.log(f"{self.name}/penalty", result.loss.detach().float(), batch_size=batch_size, **kw)
-        module.log(f"{self.name}/lam", float(lam), batch_size=batch_size, **kw)
         mass = result.mass_in_mask()
         if mass is not None:
             module.log(f"{self.name}/mass_in_mask", mass.float(), batch_size=int(result.index.numel()), **kw)
 
+    def _log_lam(self, module: LightningModule, lam: float, result: PriorResult | None) -> None:
+        if getattr(module, "_trainer", None) is not None:
+            size = max(1, int(result.index.numel())) if result is not None else 1
+            module.log(f"{self.name}/lam", float(lam), on_step=True, on_epoch=False, batch_size=size)
+
     def _extract(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        if self.feed.computed:  # masks from the images (a mask source), computed once per batch
+            b = self._keys.unpack(batch, require=("image", "label"), who="AttributionPrior")
+            return b.image, b.label, self.feed.masks(b.image)  # type: ignore[return-value]
         b = self._keys.unpack(batch, require=("image", "label", "mask"), who="AttributionPrior")
         return b.image, b.label, b.mask  # type: ignore[return-value]  # required roles are not None

@@ -6,7 +6,8 @@
 * :mod:`.checks` — mask, label and option checks;
 * :mod:`.rightreasons` — the literature's mask-based losses as ``loss=`` options (RRR, RRR-GradCAM);
 * :mod:`.monitor` — collapse / no-effect detection (:class:`PriorMonitor`);
-* :mod:`.calibration` — ``lam="auto"`` (:func:`calibrate_lam`: λ from the gradient-norm ratio);
+* :mod:`.calibration` — ``lam="auto"`` (:func:`calibrate_lam`: λ from the gradient-norm ratio;
+  :class:`LamController`: calibration, back-off and DDP agreement);
 * :mod:`.shared` — what :class:`negspace.callbacks.AttributionPrior` decides and computes without Lightning
   (attributed model, λ schedules, the BatchNorm semantics ``norm_mode`` and the per-step plan, the shared
   forward, one penalised step).
@@ -64,6 +65,7 @@ _LAZY: dict[str, str] = {
     "PriorMonitor": "monitor",
     "step_signals": "monitor",
     "AUTO_FRACTION": "calibration",
+    "LamController": "calibration",
     "calibrate_lam": "calibration",
     "check_lam": "calibration",
     "grad_norm": "calibration",
