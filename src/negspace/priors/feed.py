@@ -75,7 +75,13 @@ class MaskFeed:
         if self._device != images.device:
             self.source = self.source.to(images.device)
             self._device = images.device
-        masks = self.source(images)
+        finite = torch.isfinite(images).flatten(1).all(1)
+        if bool(finite.all()):
+            masks = self.source(images)
+        else:  # broken rows get no mask; the prior reports them (its on_nan=), the source never sees them
+            masks = images.new_zeros((images.shape[0], 1, *images.shape[2:]), dtype=torch.float32)
+            if bool(finite.any()):
+                masks[finite] = self.source(images[finite])
         self._cache = (images, masks)
         return masks
 
