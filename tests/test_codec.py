@@ -428,3 +428,20 @@ def test_old_module_paths_alias_the_codec_wing():
         assert old_contrib.make_target is named_target
     for name in ("DEFAULT_PERCENTS", "LayerModes", "SweepResult", "pca_dimensionality", "FEATURES", "SAEFit"):
         assert getattr(codec, name) is not None
+
+
+def test_contribution_map_per_unit_of_channels_without_gradient_is_zero():
+    """A channel the target does not use (zero weight downstream) has no units to split: zero maps, no error."""
+    from torch import nn
+
+    from negspace.explain.codec import contribution_map
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2))
+    with torch.no_grad():
+        net[4].weight[:, 1] = 0.0  # channel 1 never reaches the logits
+    x = torch.rand(3, 3, 6, 6)
+    for part in ("positive", "negative"):
+        m = contribution_map(net, "0", x, target=0, channels=[1], part=part, split="unit")
+        assert m.shape == x.shape and torch.count_nonzero(m) == 0
+    assert contribution_map(net, "0", x, target=0, channels=[0], split="unit").abs().sum() > 0

@@ -72,6 +72,8 @@ def _unit_parts(model: nn.Module, layer: str, x: Tensor, objective: object, ch: 
     sel = (_channel_mask(a, ch, layer) & (g != 0)).any(0).flatten()  # units selected and used by some sample
     units = sel.nonzero()[:, 0]
     pos, neg = torch.zeros_like(x), torch.zeros_like(x)
+    if units.numel() == 0:  # no selected unit reaches the target: both parts are exactly zero
+        return pos.detach(), neg.detach()
     g_flat = g.flatten(1)
     k = max(1, max_elements // (a.numel() + x.numel()))
     for chunk in units.split(k):
