@@ -25,6 +25,8 @@ and `negspace demo [--quick] [--seeds N] [--out DIR]`, the main job: paper 000's
 `negspace demo --finetune [--quick]` does the same by fine-tuning a pretrained timm backbone (docs/finetune.md).
 `negspace sweep --config recipes/<x>.yaml --lam 1,3,10,30,100 [--seeds 0,1] [--select no_bias]` runs the λ sweep
 of a prior recipe, selects on a validation split and writes the selected recipe (see `negspace sweep --help`).
+`negspace discover --config recipes/<x>.yaml --ckpt_path biased.ckpt --layer features.8` ranks candidate artifacts
+of a trained model and writes a concept-mask file per candidate for the prior (see `negspace discover --help`).
 """
 
 
@@ -46,6 +48,9 @@ def demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None, help="training samples (default depends on --quick)")
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default 32)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    p.add_argument("--masks", choices=("true", "discovered", "both"), default="both",
+                   help="masks of the presence+absence prior: the data's true masks, masks discovered on the biased "
+                   "model with the true ones withheld (docs/maskfree.md), or both rows (default)")
     ft = p.add_argument_group(
         "fine-tuning demo (--finetune)",
         "pretrain a backbone on unbiased lesions, save it as a local file, fine-tune it on the biased data with "
@@ -95,6 +100,7 @@ def _run_demo(argv: Sequence[str]) -> dict[str, Any]:
         n_train=args.n_train,
         image_size=args.image_size,
         progress=not args.no_progress,
+        masks=args.masks,
     )
 
 
@@ -102,7 +108,7 @@ def main(args: Sequence[str] | None = None) -> None:
     """Console-script entry point (returns ``None`` so that ``sys.exit(main())`` exits with 0). A recipe error
     found before LightningCLI runs (e.g. a misspelt ``class_path``) exits with status 2 and the message."""
     argv = list(sys.argv[1:] if args is None else args)
-    if not (argv and argv[0] in ("demo", "sweep")):
+    if not (argv and argv[0] in ("demo", "sweep", "discover")):
         try:
             check_class_paths(argv)
         except ValueError as e:
@@ -122,6 +128,10 @@ def run_cli(args: Sequence[str] | None = None) -> Any:
         from negspace.sweep import main as sweep_main
 
         return sweep_main(argv[1:])
+    if argv and argv[0] == "discover":
+        from negspace.discover_cli import main as discover_main
+
+        return discover_main(argv[1:])
     check_class_paths(argv)
     from lightning.pytorch import LightningDataModule
 

@@ -299,3 +299,33 @@ def tension_atlas_figure(atlas: Any, values: Tensor, grid: int) -> Any:
     ax1.set_yticks([])
     fig.tight_layout()
     return fig
+
+
+# === masks: discovery ===
+def discovery_candidate(images: Tensor, preview: Tensor, patches: Tensor | None = None, *, title: str = "") -> Any:
+    """One discovered artifact candidate: its reference ``images (k, C, H, W)``, below them the localisation
+    ``preview (k, 1, H, W)`` (in [0, 1]) overlaid in red, and its ``patches (k, C, p, p)`` (if any) in a third row."""
+    plt = _plt()
+    k = min(images.shape[0], preview.shape[0])
+    rows = 2 if patches is None else 3
+    fig, axes = plt.subplots(rows, k, figsize=(1.25 * k, 1.3 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for j in range(k):
+        img = image_array(images[j])
+        axes[0, j].imshow(img, cmap=None if img.ndim == 3 else "gray")
+        axes[1, j].imshow(img, cmap=None if img.ndim == 3 else "gray")
+        heat = torch.zeros(*preview.shape[-2:], 4)
+        heat[..., 0] = 1.0
+        heat[..., 3] = 0.75 * preview[j, 0].detach().float().cpu().clamp(0, 1)
+        axes[1, j].imshow(heat.numpy())
+        if patches is not None and j < patches.shape[0]:
+            p = image_array(patches[j])
+            axes[2, j].imshow(p, cmap=None if p.ndim == 3 else "gray")
+    axes[0, 0].set_title("reference", fontsize=7, loc="left")
+    axes[1, 0].set_title("localisation", fontsize=7, loc="left")
+    if patches is not None:
+        axes[2, 0].set_title("patches", fontsize=7, loc="left")
+    fig.suptitle(title, fontsize=7)
+    fig.tight_layout()
+    return fig

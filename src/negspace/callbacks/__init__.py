@@ -21,6 +21,7 @@ _LAZY: dict[str, str] = {
     "GroupDRO": "robust",
     "JTT": "robust",
     "DFR": "robust",
+    "ArtifactInsertion": "masks",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _LAZY)
