@@ -10,7 +10,10 @@ alike) and the ratios the issue asks for:
 * presence vs plain (target ≤ 2.5×), presence with half the batch unmasked vs plain (target ≤ 1.8×),
 * presence+absence vs presence (target ≤ 1.5×; paper 000 reports ≈ 2×),
 * our ``prior_loss`` (one forward, K = 2 backwards batched with ``is_grads_batched``) vs a naive per-class
-  loop (one full forward + attribution backward per class), both for presence+absence.
+  loop (one full forward + attribution backward per class), both for presence+absence;
+* mask-free debiasing (issue 16): computing the batch's masks with a ``ConceptMask`` on a frozen reference
+  model (one no-grad forward stopped at ``layer3``, projection, upsampling, threshold, dilation) vs a plain
+  step (target ≤ 0.3×), and the shared presence+absence step with those masks vs with given masks.
 
 Peak memory: tracemalloc does not see torch's CPU allocations (they bypass Python's allocator), and
 ``ru_maxrss`` cannot be reset, so it would only show the largest variant. Instead, per variant: free the
@@ -41,6 +44,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from negspace.masks import ConceptMask
 from negspace.priors import attribution_prior, compute_prior_from_logits, prior_loss
 
 B, HW, PATCH = 32, 64, 16
@@ -52,6 +56,8 @@ VARIANTS = (
     "naive_presence_absence",
     "presence_shared",
     "presence_absence_shared",
+    "concept_masks",
+    "presence_absence_shared_concept",
 )
 
 
@@ -104,14 +110,17 @@ def make_steps(model, opt) -> dict[str, Callable[[], None]]:
 
         return run
 
-    def shared(mode: str) -> Callable[[], None]:
+    concept = ConceptMask("layer3", torch.ones(256) / 16.0, threshold=0.5, model=model)  # frozen reference copy
+
+    def shared(mode: str, masks: Callable[[], torch.Tensor] = lambda: full) -> Callable[[], None]:
         """``AttributionPrior(norm_mode="shared")``: the prior differentiates the training forward's logits."""
 
         def run() -> None:
             opt.zero_grad(set_to_none=True)
+            mask = masks()
             xr = x.detach().requires_grad_(True)
             logits = model(xr)
-            loss = F.cross_entropy(logits, y) + compute_prior_from_logits(logits, xr, y, full, mode=mode).loss
+            loss = F.cross_entropy(logits, y) + compute_prior_from_logits(logits, xr, y, mask, mode=mode).loss
             loss.backward()
             opt.step()
 
@@ -125,6 +134,8 @@ def make_steps(model, opt) -> dict[str, Callable[[], None]]:
         "naive_presence_absence": step(lambda: naive_prior(model, x, y, full)),
         "presence_shared": shared("presence"),
         "presence_absence_shared": shared("presence_absence"),
+        "concept_masks": lambda: concept(x),
+        "presence_absence_shared_concept": shared("presence_absence", lambda: concept(x)),
     }
 
 
@@ -198,10 +209,10 @@ def main() -> None:
         med, mem = time_model(name, repeats, not args.no_memory)
         rel = check_equal(build(name).train())
         print(f"\n== {name} ==  (ours vs naive loss: rel. diff {rel:.1e})")
-        print(f"{'variant':<26}{'median s/step':>14}{'x plain':>9}{'peak MB':>10}")
+        print(f"{'variant':<34}{'median s/step':>14}{'x plain':>9}{'peak MB':>10}")
         for v in VARIANTS:
             m = f"{mem[v]:10.0f}" if v in mem else f"{'-':>10}"
-            print(f"{v:<26}{med[v]:14.3f}{med[v] / med['plain']:9.2f}{m}")
+            print(f"{v:<34}{med[v]:14.3f}{med[v] / med['plain']:9.2f}{m}")
         pr = med["presence"] / med["plain"]
         ph = med["presence_half"] / med["plain"]
         pa = med["presence_absence"] / med["presence"]
@@ -213,6 +224,10 @@ def main() -> None:
         sp = med["presence_shared"] / med["plain"]
         sa = med["presence_absence_shared"] / med["presence_shared"]
         print(f"shared forward: presence / plain {sp:5.2f}x,  presence+absence / presence {sa:5.2f}x")
+        cm = med["concept_masks"] / med["plain"]
+        cs = med["presence_absence_shared_concept"] / med["presence_absence_shared"]
+        print(f"concept masks (frozen reference) / plain {cm:5.2f}x  (target <= 0.3x); shared p+a step with "
+              f"concept masks / with given masks {cs:5.2f}x")
 
 
 if __name__ == "__main__":

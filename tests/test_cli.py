@@ -86,3 +86,33 @@ def test_demo_summary_picks_lambda_on_validation_and_reports_test():
     runs[("presence_absence", 10.0)] = [{"val": _res(0.78, 0.2), "test": _res(0.6, 0.2)}]
     checks = dict(check_pattern(summarise(runs)["by_setting"]))
     assert not all(checks.values())
+
+
+def test_demo_masks_option_selects_rows_and_checks_discovered_against_true():
+    from negspace.demo import check_pattern, summarise
+    from negspace.demo.table2 import _settings
+
+    assert demo_parser().parse_args([]).masks == "both"
+    assert demo_parser().parse_args(["--masks", "discovered"]).masks == "discovered"
+    with pytest.raises(SystemExit):
+        demo_parser().parse_args(["--masks", "drawn"])
+    names = {m: [s[0] for s in _settings(m)] for m in ("true", "discovered", "both")}
+    assert "presence_absence_discovered" not in names["true"] and "presence_absence" in names["true"]
+    assert "presence_absence" not in names["discovered"] and "presence" in names["discovered"]
+    assert {"presence_absence", "presence_absence_discovered"} <= set(names["both"])
+    with pytest.raises(ValueError, match="masks must be one of"):
+        _settings("drawn")
+    runs = {
+        ("unbiased", 0.0): [{"val": _res(0.8, 0.8), "test": _res(0.79, 0.8)}],
+        ("none", 0.0): [{"val": _res(0.5, 0.1), "test": _res(0.5, 0.1)}],
+        ("presence", 10.0): [{"val": _res(0.7, 0.4), "test": _res(0.7, 0.4)}],
+        ("presence_absence", 10.0): [{"val": _res(0.78, 0.6), "test": _res(0.77, 0.6)}],
+        ("presence_absence_discovered", 10.0): [{"val": _res(0.76, 0.6), "test": _res(0.75, 0.57)}],
+    }
+    checks = dict(check_pattern(summarise(runs)["by_setting"]))
+    key = next(k for k in checks if "discovered masks" in k)
+    assert checks[key]  # 0.75 / 0.57 vs 0.77 / 0.6: within 0.05
+    runs[("presence_absence_discovered", 10.0)] = [{"val": _res(0.76, 0.6), "test": _res(0.75, 0.5)}]
+    assert not dict(check_pattern(summarise(runs)["by_setting"]))[key]  # inverse_bias 0.1 worse
+    del runs[("presence_absence", 10.0)]  # discovered only: its row stands in for the true-mask one
+    assert len(check_pattern(summarise(runs)["by_setting"])) == 4

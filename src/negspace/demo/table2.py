@@ -6,7 +6,10 @@ Four settings are trained on :class:`~negspace.data_modules.SyntheticLesionDataM
 - ``unbiased``: training data without patches (the upper bound, paper's "None" row);
 - ``none``: every benign (class 0) training sample carries a colourful patch, no prior;
 - ``presence``: the same biased data with the presence prior (eq. 2) via ``AttributionPrior``;
-- ``presence_absence``: with the presence+absence prior (eq. 3).
+- ``presence_absence``: with the presence+absence prior (eq. 3);
+- ``presence_absence_discovered``: the same prior with masks computed on the fly by a
+  :class:`~negspace.masks.ConceptMask` discovered on the seed's ``none`` model, true masks withheld
+  (``masks="discovered"`` or ``"both"``; :mod:`negspace.demo.discovered`).
 
 For the two priors, λ is swept and picked on the *validation* ``no_bias`` split (mean over seeds), as in
 paper 000 B.4; the table reports the held-out *test* splits (``train_bias``, ``inverse_bias``, ``no_bias``) of
@@ -43,7 +46,9 @@ SETTINGS: tuple[tuple[str, str, str | None, bool], ...] = (
     ("none", "Benign*: no debiasing", None, False),
     ("presence", "Benign*: presence debiasing", "presence", False),
     ("presence_absence", "Benign*: presence+absence debiasing", "presence_absence", False),
+    ("presence_absence_discovered", "Benign*: presence+absence, discovered masks", "presence_absence", False),
 )
+MASKS = ("true", "discovered", "both")
 @dataclass
 class DemoConfig(LesionRunConfig):
     """Everything a demo run depends on (written to ``config.json``)."""
@@ -56,6 +61,15 @@ class DemoConfig(LesionRunConfig):
     pretrain_data_seed: int = 1000
     threads: int = 1
     quick: bool = False
+    masks: str = "both"  # "true": the paper's rows; "discovered": p+a with discovered masks instead; "both"
+    mask_layer: str = "features.8"
+
+
+def _settings(masks: str) -> list[tuple[str, str, str | None, bool]]:
+    if masks not in MASKS:
+        raise ValueError(f"masks must be one of {MASKS}, got {masks!r}")
+    drop = {"true": "presence_absence_discovered", "discovered": "presence_absence"}.get(masks)
+    return [s for s in SETTINGS if s[0] != drop]
 
 
 def _config(quick: bool, seeds, epochs, lambdas, n_train, image_size) -> DemoConfig:
@@ -98,8 +112,10 @@ def pretrain(cfg: DemoConfig, seed: int, progress: bool = False) -> dict[str, to
 
 
 def _run_one(cfg: DemoConfig, setting: str, mode: str | None, unbiased: bool, lam: float, seed: int,
-             out_dir: str, progress: bool, init: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Train one model and return ``{"val": report result, "test": report result, "seconds": float}``."""
+             out_dir: str, progress: bool, init: dict[str, torch.Tensor] | None = None,
+             mask: Any = None) -> dict[str, Any]:
+    """Train one model; ``{"val", "test": report results, "seconds": float, "net": the network, "dm": data}``.
+    ``mask``: the prior's ``mask=`` (``None``: the batches' true masks)."""
     import lightning as L
 
     from negspace.callbacks import AttributionPrior, BiasedSplitReport
@@ -135,7 +151,8 @@ def _run_one(cfg: DemoConfig, setting: str, mode: str | None, unbiased: bool, la
     if mode is not None:
         # norm_mode="shared": the prior differentiates the training forward's own logits (input×gradient only)
         callbacks.append(AttributionPrior(lam=lam, mode=mode, method=cfg.method, start_step=cfg.start_step,
-                                          norm_mode="shared" if cfg.method == "input_x_gradient" else "auto"))
+                                          norm_mode="shared" if cfg.method == "input_x_gradient" else "auto",
+                                          mask=mask))
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
         limit_val_batches=0,  # the report evaluates once after training (validate + test below)
@@ -146,7 +163,7 @@ def _run_one(cfg: DemoConfig, setting: str, mode: str | None, unbiased: bool, la
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     val, test = evaluate_splits(trainer, module, dm, report)
-    return {"val": val, "test": test, "seconds": time.perf_counter() - t0}
+    return {"val": val, "test": test, "seconds": time.perf_counter() - t0, "net": net, "dm": dm}
 
 
 def _aggregate(results: list[dict[str, Any]], stage: str) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
@@ -182,22 +199,29 @@ def summarise(runs: dict[tuple[str, float], list[dict[str, Any]]]) -> dict[str, 
 
 
 def check_pattern(by_setting: dict[str, dict[str, dict[str, float]]], tol: float = 0.05) -> list[tuple[str, bool]]:
-    """The issue's expected pattern, evaluated honestly on the test splits (``tol`` = "comes close")."""
+    """The issue's expected pattern, evaluated honestly on the test splits (``tol`` = "comes close"). With
+    discovered masks only, their presence+absence row stands in for the true-mask one; with both, they are
+    compared."""
     def avg(s: str, split: str) -> float:
         return by_setting[s][split]["avg"]
 
+    pa = "presence_absence" if "presence_absence" in by_setting else "presence_absence_discovered"
     checks = []
     checks.append(("no debiasing fails on inverse_bias and no_bias (Avg. < 0.65)",
                    avg("none", "inverse_bias") < 0.65 and avg("none", "no_bias") < 0.65))
     checks.append(("presence helps at most partly (no_bias Avg. below the unbiased bound - tol, or "
                    "inverse_bias Avg. below presence+absence)",
                    avg("presence", "no_bias") < avg("unbiased", "no_bias") - tol
-                   or avg("presence", "inverse_bias") < avg("presence_absence", "inverse_bias")))
+                   or avg("presence", "inverse_bias") < avg(pa, "inverse_bias")))
     checks.append(("presence+absence is best of the biased-data models on inverse_bias and no_bias",
-                   all(avg("presence_absence", sp) >= max(avg("none", sp), avg("presence", sp))
+                   all(avg(pa, sp) >= max(avg("none", sp), avg("presence", sp))
                        for sp in ("inverse_bias", "no_bias"))))
     checks.append((f"presence+absence comes close to the unbiased bound on no_bias (within {tol})",
-                   avg("presence_absence", "no_bias") >= avg("unbiased", "no_bias") - tol))
+                   avg(pa, "no_bias") >= avg("unbiased", "no_bias") - tol))
+    if "presence_absence" in by_setting and "presence_absence_discovered" in by_setting:
+        checks.append((f"presence+absence with discovered masks comes within {tol} of true masks on no_bias and "
+                       "inverse_bias", all(avg("presence_absence_discovered", sp) >= avg("presence_absence", sp) - tol
+                                           for sp in ("inverse_bias", "no_bias"))))
     return checks
 
 
@@ -239,13 +263,14 @@ def run_demo(
     for seed in range(cfg.seeds):
         if cfg.pretrain_epochs:
             jobs.append(("pretrain", None, True, 0.0, seed))
-        for setting, _, mode, unbiased in SETTINGS:
+        for setting, _, mode, unbiased in _settings(cfg.masks):
             for lam in cfg.lambdas if mode else [0.0]:
                 jobs.append((setting, mode, unbiased, lam, seed))
     t0 = time.perf_counter()
     runs: dict[tuple[str, float], list[dict[str, Any]]] = {}
     bar = tqdm(jobs, desc="negspace demo", unit="run", disable=not progress)
     init: dict[int, dict[str, torch.Tensor]] = {}
+    found: dict[int, Any] = {}  # seed -> DiscoveredMasks (from that seed's `none` model)
     for setting, mode, unbiased, lam, seed in bar:
         bar.set_postfix_str(f"{setting} λ={lam:g} seed={seed}")
         if setting == "pretrain":
@@ -253,7 +278,19 @@ def run_demo(
             init[seed] = pretrain(cfg, seed, progress)
             tqdm.write(f"  pre-trained seed {seed} on unbiased lesions ({time.perf_counter() - t1:.0f} s)")
             continue
-        res = _run_one(cfg, setting, mode, unbiased, lam, seed, out, progress=progress, init=init.get(seed))
+        mask = found[seed].source if setting == "presence_absence_discovered" else None
+        res = _run_one(cfg, setting, mode, unbiased, lam, seed, out, progress=progress, init=init.get(seed),
+                       mask=mask)
+        net, dm = res.pop("net"), res.pop("dm")
+        if setting == "none" and cfg.masks != "true":
+            found[seed] = _discover(cfg, net, dm, seed, progress)
+            tqdm.write(f"  discovered on seed {seed}'s biased model: {found[seed].candidate} (score "
+                       f"{found[seed].score:.2f}); masks vs true on validation: IoU {found[seed].quality['iou']:.3f}, "
+                       f"false-positive area {found[seed].quality['false_positive_area']:.4f}")
+        if seed in found and found[seed].patch is not None:  # verify: the response to pasting the artifact
+            from negspace.demo.discovered import insertion
+
+            res["insertion"] = insertion(net, dm, found[seed].patch)
         res.update(setting=setting, lam=lam, seed=seed)
         runs.setdefault((setting, lam), []).append(res)
         tqdm.write(
@@ -279,6 +316,8 @@ def run_demo(
         + "; ".join(f"{s}: " + ", ".join(f"λ={lam:g}→{v:.3f}" for lam, v in sc.items())
                     for s, sc in summary["sweep"].items() if len(sc) > 1),
         "",
+        *_mask_lines(found),
+        *_insertion_lines(runs, summary["lambda"]),
         "Pattern check:",
         *[f"- [{'x' if ok else ' '}] {text}" for text, ok in checks],
         "",
@@ -290,7 +329,7 @@ def run_demo(
     with open(os.path.join(out, "table.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["setting", "lambda", "split", "metric", "mean", "std"])
-        for setting, _, mode, _ in SETTINGS:
+        for setting, _, mode, _ in _settings(cfg.masks):
             if setting not in summary["by_setting"]:
                 continue
             lam = summary["lambda"][setting]
@@ -306,15 +345,57 @@ def run_demo(
                 "lambda": summary["lambda"],
                 "sweep": {s: {str(k): v for k, v in sc.items()} for s, sc in summary["sweep"].items()},
                 "checks": [{"check": t, "ok": ok} for t, ok in checks],
+                "discovered": {seed: {"candidate": d.candidate, "score": d.score, **d.quality}
+                               for seed, d in found.items()},
                 "runs": [
-                    {k: r[k] for k in ("setting", "lam", "seed", "seconds", "val", "test")}
+                    {k: r[k] for k in ("setting", "lam", "seed", "seconds", "val", "test", "insertion") if k in r}
                     for rs in runs.values() for r in rs
                 ],
             },
             f,
             indent=1,
         )
-    summary.update(table=text, seconds=elapsed, checks=checks, config=asdict(cfg))
+    summary.update(table=text, seconds=elapsed, checks=checks, config=asdict(cfg),
+                   discovered={seed: d.quality for seed, d in found.items()})
     return summary
+
+
+def _discover(cfg: DemoConfig, net: Any, dm: Any, seed: int, progress: bool) -> Any:
+    """Discover the artifact on the seed's biased model (no masks) and measure its masks on validation."""
+    from negspace.demo.discovered import discover_masks, mask_quality
+
+    found = discover_masks(net, dm, cfg.mask_layer, seed=seed, progress=progress)
+    found.quality = mask_quality(found.source, list(dm.val_dataloader()))
+    return found
+
+
+def _insertion_lines(runs: dict[tuple[str, float], list[dict[str, Any]]], picked: dict[str, float]) -> list[str]:
+    """Mean logit change when the discovered artifact is pasted into no_bias validation images, per setting."""
+    parts = []
+    for setting, *_ in SETTINGS:
+        rs = [r for r in runs.get((setting, picked.get(setting, 0.0)), []) if "insertion" in r]
+        if rs:
+            exc = mean_std([r["insertion"]["excitation"] for r in rs])[0]
+            inh = mean_std([r["insertion"]["inhibition"] for r in rs])[0]
+            parts.append(f"{setting}: benign {exc:+.2f}, malignant {inh:+.2f}")
+    if not parts:
+        return []
+    return ["Insertion test (the discovered artifact pasted at the border of no_bias validation images; mean "
+            "logit change of the class it stands for (excitation) and of the other class (inhibition); both "
+            "should shrink with debiasing): " + "; ".join(parts) + ".", ""]
+
+
+def _mask_lines(found: dict[int, Any]) -> list[str]:
+    if not found:
+        return []
+    ious = [d.quality["iou"] for d in found.values()]
+    fps = [d.quality["false_positive_area"] for d in found.values()]
+    m_iou, s_iou = mean_std(ious)
+    m_fp, _ = mean_std(fps)
+    return ["Discovered masks (true masks withheld from training and discovery; candidates: "
+            + "; ".join(f"seed {s}: {d.candidate}" for s, d in found.items())
+            + f"): IoU with the true sticker masks on the validation images that carry one {m_iou:.2f}"
+            + (f" ± {s_iou:.2f}" if len(ious) > 1 else "") + f", masked area on images without one {m_fp:.4f}.",
+            ""]
 
 
