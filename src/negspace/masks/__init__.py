@@ -6,7 +6,13 @@ priors when the data carry no masks. Pure torch (no Lightning).
 * :mod:`.cav` — concept directions (:func:`fit_direction`), localisation maps (:func:`localization_map`) and
   thresholds chosen on examples (:func:`choose_threshold`);
 * :mod:`.concept` — :class:`ConceptMask`: where a concept direction of a hidden layer fires, read from a frozen
-  copy of the model (:mod:`.reference`), fitted from examples, channels or a CODEC mode; saved by :mod:`.files`.
+  copy of the model (:mod:`.reference`), fitted from examples, channels or a CODEC mode; saved by :mod:`.files`;
+* :mod:`.discover` (:mod:`.discovery`) — :func:`discover_artifacts`: candidate artifacts of a trained model
+  (channels, CODEC modes, SpRAy clusters), one figure each (:func:`save_candidates`);
+* :mod:`.verify` — :func:`artifact_patch` and :func:`insertion_effect`: the model's response to pasting the
+  artifact (excitation of the class it stands for, inhibition of the others).
+
+The loop (discover, localise, penalise, verify) is described in docs/maskfree.md.
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ _LAZY: dict[str, str] = {
     "DIRECTION_METHODS": "cav",
     "LOCALIZE": "cav",
     "THRESHOLD_RULES": "cav",
+    "otsu_threshold": "cav",
+    "discover_artifacts": "discover",
+    "Candidate": "discover",
+    "save_candidates": "discover",
+    "METHODS": "discover",
+    "artifact_patch": "verify",
+    "insertion_effect": "verify",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, _LAZY)

@@ -35,6 +35,7 @@ __all__ = [
     "layer_channels",
     "layer_features",
     "localization_map",
+    "otsu_threshold",
     "project",
 ]
 
@@ -225,7 +226,9 @@ def codec_direction(modes: Any, mode: int) -> Tensor:
     return atom / atom.norm()
 
 
-def _otsu(values: Tensor, bins: int = 256) -> float:
+def otsu_threshold(values: Tensor, bins: int = 256) -> float:
+    """Otsu's threshold of ``values`` (any shape): the histogram split (``bins`` bins) with the largest
+    between-class variance; the minimum when all values are equal."""
     lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
         return lo
@@ -267,7 +270,7 @@ def choose_threshold(art_maps: Tensor, clean_maps: Tensor, *, rule: str = "otsu"
     c = float(clean.flatten(1).max(1).values.median())
     q95 = float(torch.quantile(clean.flatten(1).max(1).values, 0.95))
     if rule == "otsu":
-        return max(_otsu(art.flatten()), q95)
+        return max(otsu_threshold(art.flatten()), q95)
     if rule == "midpoint":
         return (a + c) / 2
     if rule == "half_peak":

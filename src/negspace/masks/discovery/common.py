@@ -25,7 +25,7 @@ from negspace.attribution.engine import check_input
 from negspace.batch import iter_batches
 from negspace.explain.tension.patches import channel_values
 from negspace.hooks import model_device
-from negspace.masks.cav import _otsu, layer_features
+from negspace.masks.cav import layer_features, otsu_threshold
 
 __all__ = ["Inputs", "concentration", "consistency", "normalize_maps", "peak_crops", "presence", "read_data", "split_examples"]
 
@@ -187,9 +187,9 @@ def split_examples(
     """
     n = score.shape[0]
     score = score.float()
-    thr = _otsu(score)
+    thr = otsu_threshold(score)
     below = score[score <= thr]
-    thr_clean = _otsu(below) if below.numel() >= 2 else thr
+    thr_clean = otsu_threshold(below) if below.numel() >= 2 else thr
     if reference is None:
         cand = torch.arange(n) if pool is None else pool
         cand = cand[score[cand].argsort(descending=True, stable=True)]
