@@ -25,7 +25,7 @@ def _run(command: str, recipe: str, tmp_path: Path, *extra: str):
 def test_every_recipe_is_covered():
     tested = {"lesions_none.yaml", "lesions_presence.yaml", "lesions_presence_absence.yaml",
               "lesions_unbiased.yaml", "motion_detector.yaml", "toy_green_pixel.yaml", "my_dataset_template.yaml",
-              "finetune_presence_absence.yaml"}
+              "finetune_presence_absence.yaml", "lesions_maskfree.yaml"}
     tested |= {f"compare_{m}.yaml" for m in ("rrr", "rrr_gradcam", "reweight", "groupdro", "jtt", "dfr")}  # test_robust
     assert {p.name for p in RECIPES.glob("*.yaml")} == tested
 
@@ -149,3 +149,25 @@ def test_green_pixel_recipe_learns_absence_encoding(tmp_path):
     ds = cli.datamodule._get("test")
     checks = absence_encoding(cli.model.model, ds.images, ds.labels)
     assert all(checks.values()), checks
+
+
+@pytest.mark.slow
+def test_maskfree_loop_fit_discover_fit(tmp_path, monkeypatch):
+    """The recipe's three commands: a biased fit with a checkpoint, `negspace discover` on it, then the
+    mask-free recipe reading the discovered files (relative paths, as written in the recipe)."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    cli = run_cli(["fit", "--config", str(RECIPES / "lesions_none.yaml"), "--trainer.default_root_dir", "biased",
+                   "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false", *SMALL_LESIONS])
+    ckpt = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
+    run_cli(["discover", "--config", str(RECIPES / "lesions_none.yaml"), "--ckpt_path", ckpt, "--layer", "features.8",
+             "--methods", "channels", "--top", "1", "--no-progress", "--", *SMALL_LESIONS])
+    assert (tmp_path / "negspace_discover" / "candidate_0.safetensors").exists()
+    cli = _run("fit", "lesions_maskfree.yaml", tmp_path, *SMALL_LESIONS)
+    assert cli.trainer.state.finished
+    prior = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "AttributionPrior")
+    assert prior.feed.computed and prior.penalised_batches == 1
+    masks = prior.feed.source(cli.datamodule.val_dataloader()[0].dataset[0]["image"][None])
+    assert masks.shape == (1, 1, 32, 32)
+    names = {type(cb).__name__ for cb in cli.trainer.callbacks}
+    assert {"ArtifactInsertion", "BiasedSplitReport"} <= names
