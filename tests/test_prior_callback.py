@@ -377,6 +377,30 @@ def test_manual_optimisation_warns_and_penalty_call_works():
     assert all(p > 0 for p in module.penalties)
 
 
+class ManualAutoModule(ManualModule):
+    def __init__(self, prior: AttributionPrior, with_task: bool) -> None:
+        super().__init__(prior)
+        self.with_task = with_task
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = F.cross_entropy(self(batch["image"]), batch["label"])
+        pen = self.prior.penalty(self, batch, task_loss=loss if self.with_task else None)
+        opt.zero_grad()
+        self.manual_backward(loss + pen)
+        opt.step()
+
+
+@pytest.mark.parametrize("with_task", [True, False])
+def test_manual_optimisation_calibrates_and_monitors_only_with_the_task_loss(with_task):
+    cb = AttributionPrior(lam="auto")
+    module = ManualAutoModule(cb, with_task)
+    with pytest.warns(UserWarning, match="manual optimization"):
+        fit(cb, module)
+    assert cb.calibrated == with_task and (cb.lam != 1.0) == with_task
+    assert (cb.monitor.state_dict()["steps"] > 0) == with_task
+
+
 class DictForward(Module):
     def forward(self, x):
         return {"logits": self.net(x), "features": x.mean()}
