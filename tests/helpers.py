@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+
 from torch import nn
+
+
+def free_port() -> int:
+    """A TCP port that is free on localhost now (for ``MASTER_PORT`` of gloo test process groups)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def hook_count(model: nn.Module) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,13 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from helpers import free_port
 from negspace.explain.codec import ContributionStore, compute_contributions
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup():
@@ -59,7 +53,7 @@ def _worker(rank: int, world: int, port: int, directory: str, queue) -> None:
 def test_compute_contributions_gathers_across_two_ranks(tmp_path):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), queue), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), queue), nprocs=2, join=True)
     results = dict(queue.get() for _ in range(2))
     for rank in (0, 1):
         assert results[rank] == {"mem": True, "disk": True, "ranks": True, "reopen": True}, results

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import free_port
 from negspace.metrics import AttributionInMask, GroupAccuracy
 
 
@@ -85,11 +85,6 @@ def test_attribution_in_mask_hand_values():
     assert math.isnan(float(m2.compute()["s0"]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -116,7 +111,7 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
 def test_ddp_sync_two_gloo_processes():
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), queue), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), queue), nprocs=2, join=True)
     results = dict(queue.get() for _ in range(2))
     for rank in (0, 1):
         out = results[rank]

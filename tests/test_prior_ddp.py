@@ -7,13 +7,14 @@ would re-run pytest if launched from inside the test process).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+
+from helpers import free_port
 
 SCRIPT = textwrap.dedent(
     """
@@ -102,14 +103,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run(script, mode, out, tmp_path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     proc = subprocess.run(
         [sys.executable, str(script), mode, str(out)], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=180,

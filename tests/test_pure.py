@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import lightning as L
 import pytest
@@ -12,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import hook_count
+from helpers import free_port, hook_count
 from negspace.editing import VirtualNeuronRouter
 from negspace.explain.pure import (
     VirtualNeuronSet,
@@ -580,11 +579,6 @@ def test_callback_deprecated_keywords():
 
 
 # ------------------------------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
@@ -607,7 +601,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.ddp
 def test_ddp_every_rank_holds_the_same_centroids(toy, tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for k in ("0", "2"):
