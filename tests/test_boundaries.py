@@ -11,7 +11,7 @@ import pytest
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "negspace"
 #: the Lightning glue; everything else is the functional core
-GLUE = ("callbacks", "modules", "data_modules", "demo", "cli.py", "sweep.py", "compare.py", "discover_cli.py")
+GLUE = ("callbacks", "modules", "data_modules", "demo", "cli.py", "sweep.py", "compare.py", "discover_cli.py", "lightning_cli.py")
 
 
 def _is_glue(f: pathlib.Path) -> bool:

@@ -90,18 +90,18 @@ def test_demo_summary_picks_lambda_on_validation_and_reports_test():
 
 def test_demo_masks_option_selects_rows_and_checks_discovered_against_true():
     from negspace.demo import check_pattern, summarise
-    from negspace.demo.table2 import _settings
+    from negspace.demo.table2 import settings_for
 
     assert demo_parser().parse_args([]).masks == "both"
     assert demo_parser().parse_args(["--masks", "discovered"]).masks == "discovered"
     with pytest.raises(SystemExit):
         demo_parser().parse_args(["--masks", "drawn"])
-    names = {m: [s[0] for s in _settings(m)] for m in ("true", "discovered", "both")}
+    names = {m: [s[0] for s in settings_for(m)] for m in ("true", "discovered", "both")}
     assert "presence_absence_discovered" not in names["true"] and "presence_absence" in names["true"]
     assert "presence_absence" not in names["discovered"] and "presence" in names["discovered"]
     assert {"presence_absence", "presence_absence_discovered"} <= set(names["both"])
     with pytest.raises(ValueError, match="masks must be one of"):
-        _settings("drawn")
+        settings_for("drawn")
     runs = {
         ("unbiased", 0.0): [{"val": _res(0.8, 0.8), "test": _res(0.79, 0.8)}],
         ("none", 0.0): [{"val": _res(0.5, 0.1), "test": _res(0.5, 0.1)}],

@@ -51,7 +51,7 @@ def _build(config: str, extra: Sequence[str]) -> Any:
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.cli import LightningCLI
 
-    from negspace.cli import check_class_paths, fill_normalize
+    from negspace.lightning_cli import check_class_paths, fill_normalize
     from negspace.modules.classifier import ClassifierModule
 
     argv = ["--config", config, *extra]

@@ -111,13 +111,13 @@ def select_lam(rows: list[dict[str, Any]]) -> Any:
 
 
 def _fit_one(tree: dict[str, Any], run_dir: Path, cli_args: Sequence[str]) -> dict[str, float]:
-    from negspace.cli import run_cli
+    from negspace.lightning_cli import run_recipe
 
     run_dir.mkdir(parents=True, exist_ok=True)
     tree.setdefault("trainer", {}).setdefault("default_root_dir", str(run_dir))
     path = run_dir / "config.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    cli = run_cli(["fit", "--config", str(path), *cli_args])
+    cli = run_recipe(["fit", "--config", str(path), *cli_args])
     trained = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if getattr(v, 'numel', lambda: 1)() == 1}

@@ -1,4 +1,5 @@
-"""Spurious-patch drawing and mask dilation (plain functions, no Lightning).
+"""Spurious-patch drawing and mask dilation (plain functions, no Lightning; ``dilate_mask`` and
+``default_dilation`` live in :mod:`negspace.masks.source` and are re-exported here).
 
 Patches are deterministic per ``(seed, index)``: :func:`patch_rng` gives a NumPy generator seeded with both,
 so the same base sample always gets the same patch, independently of worker order or split.
@@ -10,8 +11,9 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from negspace.masks.source import default_dilation, dilate_mask
 
 __all__ = [
     "PALETTE",
@@ -50,11 +52,6 @@ def patch_rng(seed: int, index: int, salt: int = 0) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), int(salt)])
 
 
-def default_dilation(height: int) -> int:
-    """Paper 000 (B.4) dilates by 10 px at 224 px; scaled: ``round(10 · H / 224)``."""
-    return round(10 * height / 224)
-
-
 def resolve_patch_size(patch_size: int | float, height: int, width: int) -> int:
     """Patch side in pixels: an ``int`` is pixels, a ``float`` in ``(0, 1]`` a fraction of ``min(H, W)``."""
     side = min(height, width)
@@ -67,18 +64,6 @@ def resolve_patch_size(patch_size: int | float, height: int, width: int) -> int:
     if not 1 <= patch_size <= side:
         raise ValueError(f"patch_size in pixels must be in [1, {side}] for a {height}x{width} image, got {patch_size}")
     return patch_size
-
-
-def dilate_mask(mask: Tensor, pixels: int) -> Tensor:
-    """Binary dilation with a ``(2p+1)×(2p+1)`` square by max-pooling. ``mask: (..., H, W)`` in {0, 1}."""
-    if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
-        raise ValueError(f"dilation must be a non-negative int (pixels), got {pixels!r}")
-    if pixels == 0:
-        return mask
-    shape = mask.shape
-    m = mask.reshape(-1, 1, *shape[-2:]).float()
-    out = F.max_pool2d(m, kernel_size=2 * pixels + 1, stride=1, padding=pixels)
-    return out.reshape(shape).to(mask.dtype)
 
 
 def _square_origin(rng: np.random.Generator, h: int, w: int, s: int, position: str) -> tuple[int, int]:

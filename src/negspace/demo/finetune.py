@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from negspace.demo.common import CLASS_NAMES, SPLITS, evaluate_splits, trainer_kwargs
-from negspace.demo.table2 import SETTINGS, summarise
+from negspace.demo.table2 import settings_for, summarise
 
 __all__ = ["FinetuneConfig", "run_finetune_demo"]
 
@@ -49,8 +49,8 @@ def _pretrain_backbone(cfg: FinetuneConfig, seed: int, path: str, progress: bool
     import lightning as L
     from safetensors.torch import save_file
 
-    from negspace.cli import fill_normalize
     from negspace.data_modules import SyntheticLesionDataModule
+    from negspace.lightning_cli import fill_normalize
     from negspace.modules import ClassifierModule
 
     L.seed_everything(seed, workers=True, verbose=False)
@@ -74,8 +74,8 @@ def _finetune_one(cfg: FinetuneConfig, setting: str, mode: str | None, unbiased:
     import lightning as L
 
     from negspace.callbacks import AttributionPrior, BiasedSplitReport
-    from negspace.cli import fill_normalize
     from negspace.data_modules import SyntheticLesionDataModule
+    from negspace.lightning_cli import fill_normalize
     from negspace.modules import ClassifierModule
 
     L.seed_everything(seed, workers=True, verbose=False)
@@ -135,7 +135,7 @@ def run_finetune_demo(quick: bool = False, out: str = "negspace_finetune_demo", 
         pretrain_acc[seed] = _pretrain_backbone(cfg, seed, path, progress)
         tqdm.write(f"  pretrained {cfg.model} seed {seed} on unbiased lesions: no_bias acc {pretrain_acc[seed]:.3f} "
                    f"({time.perf_counter() - t1:.0f} s) -> {path}")
-        for setting, _, mode, unbiased in SETTINGS:
+        for setting, _, mode, unbiased in settings_for("true"):  # the data's masks (no discovery here)
             for lam in cfg.lambdas if mode else [0.0]:
                 res = _finetune_one(cfg, setting, mode, unbiased, lam, seed, path, out, progress)
                 res.update(setting=setting, lam=lam, seed=seed)

@@ -38,7 +38,7 @@ from negspace.demo.common import (
 )
 from negspace.sweep import select_lam
 
-__all__ = ["SETTINGS", "DemoConfig", "check_pattern", "pretrain", "run_demo", "summarise"]
+__all__ = ["MASKS", "SETTINGS", "DemoConfig", "check_pattern", "pretrain", "run_demo", "settings_for", "summarise"]
 
 #: (name, row label, prior mode or None, unbiased training data)
 SETTINGS: tuple[tuple[str, str, str | None, bool], ...] = (
@@ -65,7 +65,9 @@ class DemoConfig(LesionRunConfig):
     mask_layer: str = "features.8"
 
 
-def _settings(masks: str) -> list[tuple[str, str, str | None, bool]]:
+def settings_for(masks: str) -> list[tuple[str, str, str | None, bool]]:
+    """The rows of a run: ``"true"`` the paper's four, ``"discovered"`` with discovered-mask p+a instead of the
+    true-mask one, ``"both"`` all five."""
     if masks not in MASKS:
         raise ValueError(f"masks must be one of {MASKS}, got {masks!r}")
     drop = {"true": "presence_absence_discovered", "discovered": "presence_absence"}.get(masks)
@@ -263,7 +265,7 @@ def run_demo(
     for seed in range(cfg.seeds):
         if cfg.pretrain_epochs:
             jobs.append(("pretrain", None, True, 0.0, seed))
-        for setting, _, mode, unbiased in _settings(cfg.masks):
+        for setting, _, mode, unbiased in settings_for(cfg.masks):
             for lam in cfg.lambdas if mode else [0.0]:
                 jobs.append((setting, mode, unbiased, lam, seed))
     t0 = time.perf_counter()
@@ -329,7 +331,7 @@ def run_demo(
     with open(os.path.join(out, "table.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["setting", "lambda", "split", "metric", "mean", "std"])
-        for setting, _, mode, _ in _settings(cfg.masks):
+        for setting, _, mode, _ in settings_for(cfg.masks):
             if setting not in summary["by_setting"]:
                 continue
             lam = summary["lambda"][setting]

@@ -26,6 +26,7 @@ _LAZY: dict[str, str] = {
     "as_mask_source": "source",
     "check_mask_output": "source",
     "mask_iou": "source",
+    "dilate_mask": "source",
     "IOU_REDUCTIONS": "source",
     "ConceptMask": "concept",
     "REFERENCES": "files",

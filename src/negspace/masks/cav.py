@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from negspace.attribution import layer_contributions
-from negspace.data_modules.patches import default_dilation
 from negspace.hooks import capture, eval_mode, get_layer, run_until
+from negspace.masks.source import default_dilation
 from negspace.objectives import TARGET_NAMES, as_target, named_target
 
 __all__ = [
@@ -147,7 +147,7 @@ def localization_map(model: nn.Module, layer: str, images: Tensor, direction: Te
 
 def default_dilate(image_size: int, map_size: int) -> int:
     """Default dilation (pixels) of a concept mask: paper 000's mask dilation (``round(10·H/224)``,
-    ``data_modules.patches.default_dilation``) minus half the layer's stride ``(H // h) // 2``, at least 0.
+    ``masks.source.default_dilation``) minus half the layer's stride ``(H // h) // 2``, at least 0.
 
     The bilinearly upsampled map already reaches about half a stride beyond the concept, so only the rest of
     the paper's margin is added (measured on the lesions, see ``negspace.masks.concept``)."""

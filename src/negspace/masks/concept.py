@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from negspace.batch import Data, collect_images
-from negspace.data_modules.patches import dilate_mask
 from negspace.distributed import all_gather_object, broadcast, is_distributed
 from negspace.hooks import get_layer, model_device
 from negspace.masks.cav import (
@@ -44,7 +43,7 @@ from negspace.masks.cav import (
 )
 from negspace.masks.files import META, POOLS, check_meta, read_concept, write_concept
 from negspace.masks.reference import broadcast_module, frozen_copy
-from negspace.masks.source import MaskSource
+from negspace.masks.source import MaskSource, dilate_mask
 from negspace.reduce import summarize
 
 __all__ = ["ConceptMask"]

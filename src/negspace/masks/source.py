@@ -14,14 +14,31 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from negspace.data_modules.patches import dilate_mask
-
-__all__ = ["IOU_REDUCTIONS", "Detector", "MaskSource", "as_mask_source", "check_mask_output", "mask_iou"]
+__all__ = ["IOU_REDUCTIONS", "Detector", "MaskSource", "as_mask_source", "check_mask_output", "default_dilation", "dilate_mask", "mask_iou"]
 
 #: reductions of :func:`mask_iou`
 IOU_REDUCTIONS = ("mean", "none")
+
+
+def default_dilation(height: int) -> int:
+    """Paper 000 (B.4) dilates by 10 px at 224 px; scaled: ``round(10 · H / 224)``."""
+    return round(10 * height / 224)
+
+
+def dilate_mask(mask: Tensor, pixels: int) -> Tensor:
+    """Binary dilation with a ``(2p+1)×(2p+1)`` square by max-pooling. ``mask: (..., H, W)`` in {0, 1}."""
+    if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
+        raise ValueError(f"dilation must be a non-negative int (pixels), got {pixels!r}")
+    if pixels == 0:
+        return mask
+    shape = mask.shape
+    m = mask.reshape(-1, 1, *shape[-2:]).float()
+    out = F.max_pool2d(m, kernel_size=2 * pixels + 1, stride=1, padding=pixels)
+    return out.reshape(shape).to(mask.dtype)
+
 
 
 def _check_images(images: object, who: str) -> Tensor:

@@ -21,9 +21,16 @@ from torch import Tensor, nn
 
 from negspace.distributed import all_gather_object, gather_stack, is_distributed
 
-__all__ = ["AUTO_FRACTION", "LamController", "calibrate_lam", "check_lam", "grad_norm"]
+__all__ = ["AUTO_EVERY", "AUTO_FRACTION", "LamController", "calibrate_lam", "check_lam", "grad_norm"]
 
 AUTO_FRACTION = 1.0
+AUTO_EVERY = 10
+
+
+def _check_positive(name: str, value: object, finite: bool = True) -> None:
+    if (isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value) or value <= 0
+            or (finite and not math.isfinite(value))):
+        raise ValueError(f"{name} must be a {'finite ' if finite else ''}float > 0, got {value!r}")
 
 
 def check_lam(lam: object) -> bool:
@@ -51,8 +58,7 @@ def calibrate_lam(
 
     Returns ``None`` when the penalty has no gradient (e.g. the batch has no mask): calibrate on a later batch.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not math.isfinite(fraction) or fraction <= 0:
-        raise ValueError(f"fraction must be a finite float > 0, got {fraction!r}")
+    _check_positive("fraction", fraction)
     ps = [p for p in params if p.requires_grad]
     g_task = grad_norm(task_loss, ps) if task_loss.requires_grad else 0.0
     g_pen = grad_norm(penalty, ps) if penalty.requires_grad else 0.0
@@ -64,56 +70,103 @@ def calibrate_lam(
 
 
 class LamController:
-    """``lam="auto"``: λ calibrated on the first penalised step, divided by 10 on every detected collapse, and
-    identical on every DDP rank. Pure torch; checkpointable (floats and ints only).
+    """``lam="auto"``: λ from the gradient-norm ratio, recalibrated every ``every`` global steps, divided by
+    ``backoff`` on every detected collapse, identical on every DDP rank. Pure torch; checkpointable (floats and
+    ints only).
 
-    Each rank calls :meth:`propose` on its penalised steps (the calibration candidate of the step, used locally at
-    once) and :meth:`flag_collapse` when its monitor flags a collapse; :meth:`sync` is called on **every** rank
-    after **every** training batch (also batches where a rank skipped the prior): it agrees on the mean candidate
-    (first calibration) and applies the back-off if any rank collapsed, with one small collective under DDP —
-    never inside the penalty computation, so that a rank skipping its prior (``on_nan="skip"``, no mask) cannot
-    deadlock the others.
+    λ = ``fraction · scale · exp(ē)`` where ``ē`` is an exponential moving average (weight ``smoothing`` for the
+    newest value) of ``log(‖∇task‖ / ‖∇penalty‖)`` measured on the first penalised step and then every ``every``
+    global steps (``every=0``: once), averaged over the ranks that measured; ``scale`` is ``backoff^-n`` after
+    ``n`` flagged collapses. ``rise`` caps how far λ may rise above the smallest λ used so far (``1``: λ only
+    falls; ``inf``: tracks the ratio both ways).
+
+    Each rank calls :meth:`propose` on its penalised steps (a measurement when one is due, used locally at once)
+    and :meth:`flag_collapse` when its monitor flags a collapse; :meth:`sync` is called on **every** rank after
+    **every** training batch (also batches where a rank skipped the prior): it folds the ranks' mean measurement
+    into ``ē`` and applies the back-off if any rank collapsed, with one small collective under DDP — never inside
+    the penalty computation, so that a rank skipping its prior (``on_nan="skip"``, no mask) cannot deadlock the
+    others.
     """
 
-    def __init__(self, fraction: float = AUTO_FRACTION, backoff: float = 10.0) -> None:
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not math.isfinite(fraction) or fraction <= 0:
-            raise ValueError(f"auto_fraction must be a finite float > 0, got {fraction!r}")
-        self.fraction, self.backoff = float(fraction), float(backoff)
+    def __init__(self, fraction: float = AUTO_FRACTION, backoff: float = 10.0, *, every: int = AUTO_EVERY,
+                 smoothing: float = 0.3, rise: float = math.inf) -> None:
+        _check_positive("auto_fraction", fraction)
+        _check_positive("backoff", backoff)
+        _check_positive("rise", rise, finite=False)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"every must be an int >= 0 (0: calibrate once), got {every!r}")
+        if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 < smoothing <= 1:
+            raise ValueError(f"smoothing must be a float in (0, 1], got {smoothing!r}")
+        if backoff < 1 or rise < 1:
+            raise ValueError(f"backoff and rise must be >= 1, got backoff={backoff!r}, rise={rise!r}")
+        self.fraction, self.backoff, self.every = float(fraction), float(backoff), int(every)
+        self.smoothing, self.rise = float(smoothing), float(rise)
         self.lam, self.calibrated = 1.0, False
+        self.log_ratio, self.scale, self.floor = 0.0, 1.0, math.inf
+        self.next_step, self.measurements = 0, 0
         self._candidate: float | None = None
+        self._step = -1
         self._collapsed = False
 
+    def _value(self, log_ratio: float) -> float:
+        """λ for the smoothed log ratio (before the back-off scale), with the ``rise`` cap."""
+        return min(self.fraction * math.exp(log_ratio), self.floor * self.rise)
+
+    def _blend(self, log_ratio: float) -> float:
+        return log_ratio if not self.calibrated else (1 - self.smoothing) * self.log_ratio + self.smoothing * log_ratio
+
+    def due(self, step: int) -> bool:
+        """Whether :meth:`propose` measures at global step ``step``."""
+        return not self.calibrated or (self.every > 0 and step >= self.next_step)
+
     def propose(self, task_loss: Tensor, penalty: Tensor, params: Iterable[nn.Parameter], step: int = 0) -> float | None:
-        """Called on every penalised step (``step`` = ``trainer.global_step``). Before calibration: this rank's λ
-        (see :func:`calibrate_lam`, local), adopted locally for this step; ``None`` when the penalty has no
-        gradient (a batch without masks) or λ is already calibrated (then nothing is computed)."""
-        if self.calibrated:
+        """Called on every penalised step (``step`` = ``trainer.global_step``). When a measurement is due (the
+        first penalised step, then every ``every`` steps): two extra ``autograd.grad`` calls, and this rank's new λ,
+        adopted locally for this step; otherwise ``None`` and nothing is computed. Also ``None`` when the penalty
+        or the task loss has no gradient (a batch without masks)."""
+        if not self.due(step):
             return None
-        lam = calibrate_lam(task_loss, penalty, params, self.fraction, sync=False)
-        if lam is not None:
-            self._candidate, self.lam = lam, lam
-        return lam
+        ratio = calibrate_lam(task_loss, penalty, params, 1.0, sync=False)
+        if ratio is None or not ratio > 0 or not math.isfinite(ratio):
+            return None
+        self._candidate, self._step = math.log(ratio), int(step)
+        self.lam = self._value(self._blend(self._candidate)) * self.scale
+        return self.lam
 
     def flag_collapse(self) -> None:
         """This rank's monitor flagged a collapse: back off at the next :meth:`sync`."""
         self._collapsed = True
 
     def sync(self) -> float:
-        """Agree on λ across ranks (mean of the candidates for the first calibration; back-off if any rank
-        collapsed); returns the λ every rank uses from the next step on."""
-        cand, collapsed = self._candidate, self._collapsed
-        local = torch.tensor([0.0 if cand is None else cand, float(cand is not None), float(collapsed)],
-                             dtype=torch.float64)
-        total = gather_stack(local).sum(0) if is_distributed() else local
-        if not self.calibrated and total[1] > 0:
-            self.lam, self.calibrated = float(total[0] / total[1]), True
+        """Agree on λ across ranks (the mean of the ranks' measurements of this batch folded into the average;
+        back-off if any rank collapsed); returns the λ every rank uses from the next step on."""
+        cand = self._candidate
+        local = torch.tensor([0.0 if cand is None else cand, float(cand is not None), float(self._collapsed),
+                              float(self._step)], dtype=torch.float64)
+        rows = gather_stack(local) if is_distributed() else local[None]
+        total, step = rows[:, :3].sum(0), int(rows[:, 3].max())
+        if total[1] > 0:
+            self.log_ratio = self._blend(float(total[0] / total[1]))
+            self.calibrated, self.next_step = True, step + self.every
+            self.measurements += 1
+            self.floor = min(self.floor, self._value(self.log_ratio))
         if total[2] > 0:
-            self.lam /= self.backoff
-        self._candidate, self._collapsed = None, False
+            self.scale /= self.backoff
+        self.lam = (self._value(self.log_ratio) if self.calibrated else 1.0) * self.scale
+        self._candidate, self._collapsed, self._step = None, False, -1
         return self.lam
 
     def state_dict(self) -> dict[str, float | int]:
-        return {"lam": float(self.lam), "calibrated": int(self.calibrated)}
+        return {"lam": float(self.lam), "calibrated": int(self.calibrated), "log_ratio": float(self.log_ratio),
+                "scale": float(self.scale), "floor": float(self.floor), "next_step": int(self.next_step),
+                "measurements": int(self.measurements)}
 
     def load_state_dict(self, state: dict[str, float | int]) -> None:
         self.lam, self.calibrated = float(state.get("lam", self.lam)), bool(state.get("calibrated", 0))
+        self.scale = float(state.get("scale", 1.0))
+        if "log_ratio" in state:
+            self.log_ratio = float(state["log_ratio"])
+        elif self.calibrated:  # a checkpoint of the calibrate-once controller: keep its λ
+            self.log_ratio = math.log(self.lam / (self.fraction * self.scale))
+        self.floor = float(state.get("floor", self._value(self.log_ratio) if self.calibrated else math.inf))
+        self.next_step, self.measurements = int(state.get("next_step", 0)), int(state.get("measurements", 0))

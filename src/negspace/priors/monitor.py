@@ -8,8 +8,10 @@ and the initialisation (docs/priors.md, "Choosing λ"). Outside it, training fai
   attribution moved *out of* the mask, and the task loss stays at its chance value. Detected when, for
   ``patience`` consecutive penalised steps, the total target attribution ``Σ|A|`` over the whole image is
   exactly 0, or at most ``1 / collapse_drop`` of its peak while the task loss (a running mean) has not fallen
-  below ``(1 − loss_tol)`` times its first value; or when that task loss has not moved for ``stall`` penalised
-  steps (the scale-free form can pin a model at chance without shrinking its attributions).
+  below ``(1 − loss_tol)`` times its first value (cause ``"collapsed"``); or when that task loss has not moved
+  for ``stall`` penalised steps (cause ``"stalled"``: the scale-free form can pin a model at chance without
+  shrinking its attributions, but a slow start looks the same, so ``lam="auto"`` backs off only on
+  ``"collapsed"``). The logged ``collapsed`` flag is 1 for both causes, ``stalled`` for the second only.
 * **no effect** (λ too weak): the attribution mass inside the mask stays high. Detected when, after ``warmup``
   penalised steps and for ``patience`` consecutive ones, the share of ``|A|`` inside the mask is at least
   ``mass_factor`` times the mask's area share (what a uniform attribution would put there) and
@@ -58,15 +60,15 @@ def step_signals(result: PriorResult) -> dict[str, float] | None:
 class PriorMonitor:
     """Watches the prior step by step and flags collapse / no effect (see the module docstring).
 
-    ``update(signals, lam, task_loss)`` returns the metrics to log (``collapsed`` and ``no_effect`` as 0/1,
-    ``ratio`` = ``λ·penalty / task loss``) and the causes newly detected (``"collapsed"``, ``"no_effect"``);
-    :meth:`message` names cause and fix.
+    ``update(signals, lam, task_loss)`` returns the metrics to log (``collapsed``, ``stalled`` and ``no_effect``
+    as 0/1, ``ratio`` = ``λ·penalty / task loss``) and the causes newly detected (``"collapsed"``, ``"stalled"``,
+    ``"no_effect"``); :meth:`message` names cause and fix.
     """
 
     patience: int = 20
     warmup: int = 50
     collapse_drop: float = 10.0
-    loss_tol: float = 0.05
+    loss_tol: float = 0.1
     stall: int = 100
     stuck_run: int = 0
     mass_factor: float = 3.0
@@ -78,6 +80,8 @@ class PriorMonitor:
     zero_run: int = 0
     weak_run: int = 0
     collapsed: bool = False
+    vanished: bool = False
+    stalled: bool = False
     no_effect: bool = False
     last: dict[str, float] = field(default_factory=dict)
 
@@ -106,22 +110,30 @@ class PriorMonitor:
         ratio = lam * signals["penalty"] / task_loss if task_loss > 0 else math.inf
         weak = (signals["mass_in_mask"] >= self.mass_factor * signals["mask_area"] and ratio < self.ratio_floor)
         self.weak_run = self.weak_run + 1 if weak and self.steps > self.warmup else 0
-        was = (self.collapsed, self.no_effect)
-        self.collapsed = self.zero_run >= self.patience or self.stuck_run >= self.stall
-        self.no_effect = self.weak_run >= self.patience
+        was = (self.vanished, self.stalled and not self.vanished, self.no_effect)
+        self.vanished, self.stalled = self.zero_run >= self.patience, self.stuck_run >= self.stall
+        self.collapsed, self.no_effect = self.vanished or self.stalled, self.weak_run >= self.patience
         self.last = {**signals, "lam": lam, "task_loss": task_loss, "ratio": ratio}
-        new = [k for k, (before, now) in zip(("collapsed", "no_effect"), zip(was, (self.collapsed, self.no_effect)),
-                                             strict=True) if now and not before]
-        metrics = {"collapsed": float(self.collapsed), "no_effect": float(self.no_effect),
-                   "ratio": ratio if math.isfinite(ratio) else 0.0}
+        now = (self.vanished, self.stalled and not self.vanished, self.no_effect)
+        new = [k for k, before, after in zip(("collapsed", "stalled", "no_effect"), was, now, strict=True)
+               if after and not before]
+        metrics = {"collapsed": float(self.collapsed), "stalled": float(self.stalled),
+                   "no_effect": float(self.no_effect), "ratio": ratio if math.isfinite(ratio) else 0.0}
         return metrics, new
 
     def message(self, cause: str) -> str:
-        """The warning for ``cause`` (``"collapsed"`` or ``"no_effect"``): what happened and what to do."""
+        """The warning for ``cause`` (``"collapsed"``, ``"stalled"`` or ``"no_effect"``): what happened and what
+        to do."""
         s = self.last
+        if cause == "stalled":
+            return (f"the model is stuck: its task loss has stayed at {self.mean_loss:.3g} (first step "
+                    f"{self.first_loss:.3g}) for {self.stuck_run} penalised steps while its input attributions are "
+                    f"intact (Σ|A| = {s.get('attr_total', 0.0):.3g}). Either lam={s.get('lam', 0.0):.3g} pins the model "
+                    "at chance (the prior forbids the shortcut before the real cue is learnt: lower it 10x, start "
+                    "later with start_step= or lam_schedule='linear:N', or train longer) or the task simply learns "
+                    "slowly (then raise monitor={'stall': ...}); lam='auto' does not back off on this signal")
         if cause == "collapsed":
-            return (f"the model collapsed: for {max(self.zero_run, self.stuck_run)} penalised steps its task loss "
-                    f"did not move from chance or its input attributions shrank over "
+            return (f"the model collapsed: for {self.zero_run} penalised steps its input attributions shrank over "
                     f"the whole image (Σ|A| = {s.get('attr_total', 0.0):.3g}, peak {max(self.ref_total, 0.0):.3g}) "
                     f"while the task loss stayed at {self.mean_loss:.3g} (first step {self.first_loss:.3g}): the "
                     "penalty is small because the network ignores its input (a constant predictor), not because it "
@@ -134,13 +146,14 @@ class PriorMonitor:
                     f"while lam·penalty is only {s.get('ratio', 0.0):.2g} x the task loss for {self.weak_run} steps. "
                     f"lam={s.get('lam', 0.0):.3g} is too weak for this data and model: raise it 10x, use lam='auto' "
                     "or normalize='fraction', or find the window with `negspace sweep`")
-        raise ValueError(f"cause must be 'collapsed' or 'no_effect', got {cause!r}")
+        raise ValueError(f"cause must be 'collapsed', 'stalled' or 'no_effect', got {cause!r}")
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and floats only (``weights_only=True`` loadable)."""
         return {"steps": self.steps, "ref_total": self.ref_total, "first_loss": self.first_loss,
                 "mean_loss": self.mean_loss, "zero_run": self.zero_run, "stuck_run": self.stuck_run,
-                "weak_run": self.weak_run, "collapsed": int(self.collapsed), "no_effect": int(self.no_effect)}
+                "weak_run": self.weak_run, "collapsed": int(self.collapsed), "vanished": int(self.vanished),
+                "stalled": int(self.stalled), "no_effect": int(self.no_effect)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps, self.ref_total = int(state.get("steps", 0)), float(state.get("ref_total", -1.0))
@@ -148,3 +161,5 @@ class PriorMonitor:
         self.zero_run, self.weak_run = int(state.get("zero_run", 0)), int(state.get("weak_run", 0))
         self.stuck_run = int(state.get("stuck_run", 0))
         self.collapsed, self.no_effect = bool(state.get("collapsed", 0)), bool(state.get("no_effect", 0))
+        self.vanished = bool(state.get("vanished", self.zero_run >= self.patience))
+        self.stalled = bool(state.get("stalled", self.stuck_run >= self.stall))
