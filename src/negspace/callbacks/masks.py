@@ -10,6 +10,7 @@ from torch import Tensor
 
 from negspace.batch import collect_images
 from negspace.callbacks.base import AnalysisCallback
+from negspace.distributed import all_gather_object
 from negspace.masks.verify import insertion_effect, load_patch
 
 __all__ = ["ArtifactInsertion"]
@@ -36,8 +37,8 @@ class ArtifactInsertion(AnalysisCallback):
             without the artifact; use 0 for a data module with a single validation loader).
         every_n_epochs, batch_keys, forward, save_dir: as every analysis callback (``docs/callbacks.md``).
 
-    ``callback.result`` holds the last result (without the positions). Each rank measures its own share of the
-    loader; rank 0 logs.
+    ``callback.result`` holds the last result (without the positions). Under DDP each rank measures its own share
+    of the loader and the logged values are the means over all ranks' images (``per_class`` stays the rank's).
     """
 
     def __init__(
@@ -80,6 +81,11 @@ class ArtifactInsertion(AnalysisCallback):
         x = collect_images(loader, self.batch_keys, max_images=self.n_images, who="ArtifactInsertion")
         res = insertion_effect(self.network(pl_module), x, self.patch, target=self.target,
                                n_positions=self.n_positions, seed=self.seed)
+        # DDP: every rank measured its share of the loader; the logged values are the image-weighted means
+        parts = all_gather_object((res["n_images"], res["excitation"], res["inhibition"]))
+        n = sum(p[0] for p in parts)
+        exc, inh = (sum(p[0] * p[i] for p in parts) / n for i in (1, 2))
+        res.update(excitation=exc, inhibition=inh, abs_excitation=abs(exc), abs_inhibition=abs(inh), n_images=n)
         self.result = {k: v for k, v in res.items() if k != "positions"}
         keys = ("excitation", "inhibition", "abs_excitation", "abs_inhibition")
         self.log_metrics(trainer, pl_module, {f"{self.name}/{k}": res[k] for k in keys})
