@@ -25,6 +25,7 @@ class DiscoveredMasks:
     score: float
     quality: dict[str, float] = field(default_factory=dict)  # iou (patched val images), false_positive_area
     patch: torch.Tensor | None = None  # (C, h, w): the artifact cut out of a reference image by its mask
+    candidates: list[Any] = field(default_factory=list, repr=False)  # every Candidate, best first
 
 
 def _images_and_labels(loader: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -49,7 +50,7 @@ def discover_masks(net: nn.Module, dm: Any, layer: str, *, methods: tuple[str, .
     from negspace.masks.verify import artifact_patch
 
     return DiscoveredMasks(source=source, candidate=f"{top.kind}: {top.description}", score=float(top.score),
-                           patch=artifact_patch(art, source(art)))
+                           patch=artifact_patch(art, source(art)), candidates=candidates)
 
 
 def insertion(net: nn.Module, dm: Any, patch: torch.Tensor, target: int = 0) -> dict[str, float]:
