@@ -1,14 +1,23 @@
-"""``lam="auto"``: choose λ from the ratio of gradient norms at the first penalised step. Pure torch.
+"""``lam="auto"``: choose λ from the ratio of gradient norms, and keep choosing it. Pure torch.
 
-λ is set once, on the first batch that carries masks, so that the prior's gradient has a fixed fraction of the
-task loss's gradient norm (over the parameters that require grad):
+λ is set so that the prior's gradient has a fixed share of the task loss's gradient norm (over the parameters
+that require grad):
 
     λ = fraction · ‖∇θ L_task‖ / ‖∇θ penalty‖
 
-With ``fraction=1`` both terms pull equally hard at the start; the default (:data:`AUTO_FRACTION`) is what the
-measurements in docs/priors.md ("Choosing λ") support. Under DDP each rank computes its own value and the
-mean is used, so that every rank trains with the same λ (:class:`LamController`, which also backs off by 10×
-when a collapse is flagged on any rank).
+first on the first batch that carries masks, then again every :data:`AUTO_EVERY` global steps: the measured
+ratios are averaged geometrically (an exponential moving average of their logs), and λ may rise at most ``rise``
+times above the smallest value it has taken. The ratio moves during training (in our probes by up to two orders
+of magnitude within a run: the paper's penalty grows with the logit scale, the scale-free one,
+``normalize="fraction"``, fades once the mask holds little attribution), so a λ from step 0 goes stale; the cap
+keeps a fading penalty from being chased into a collapse. A detected collapse (the monitor's ``"collapsed"``
+cause, not a ``"stalled"`` task loss) divides λ by ``backoff`` from then on.
+
+The defaults (:data:`AUTO_FRACTION` = 0.3 for both forms, every 10 steps, smoothing 0.3, rise 3) are what the
+multi-seed measurements in docs/priors.md ("Choosing λ") support. A measurement costs two ``autograd.grad`` calls
+through the penalty's double-backward graph. Under DDP each rank measures on its own batch and the ranks fold the
+mean of their log ratios into the same average, so that every rank trains with the same λ
+(:class:`LamController`; the collective lives in :meth:`LamController.sync`, never in the penalty step).
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from negspace.distributed import all_gather_object, gather_stack, is_distributed
 
 __all__ = ["AUTO_EVERY", "AUTO_FRACTION", "LamController", "calibrate_lam", "check_lam", "grad_norm"]
 
-AUTO_FRACTION = 1.0
+AUTO_FRACTION = 0.3
 AUTO_EVERY = 10
 
 
@@ -89,7 +98,7 @@ class LamController:
     """
 
     def __init__(self, fraction: float = AUTO_FRACTION, backoff: float = 10.0, *, every: int = AUTO_EVERY,
-                 smoothing: float = 0.3, rise: float = math.inf) -> None:
+                 smoothing: float = 0.3, rise: float = 3.0) -> None:
         _check_positive("auto_fraction", fraction)
         _check_positive("backoff", backoff)
         _check_positive("rise", rise, finite=False)
