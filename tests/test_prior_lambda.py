@@ -352,6 +352,9 @@ def test_controller_state_dict_round_trip(tmp_path):
     old = LamController(0.5)  # a checkpoint of the calibrate-once controller keeps its λ
     old.load_state_dict({"lam": 3.0, "calibrated": 1})
     assert old.lam == 3.0 and old.sync() == pytest.approx(3.0)
+    early = LamController(0.5)  # ... and one that backed off before it could calibrate keeps the back-off
+    early.load_state_dict({"lam": 0.1, "calibrated": 0})
+    assert early.sync() == pytest.approx(0.1) and step(early, 0, 4.0)[1] == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("kw", [{"fraction": 0.0}, {"fraction": float("nan")}, {"every": -1}, {"every": 2.5},

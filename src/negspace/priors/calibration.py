@@ -172,7 +172,7 @@ class LamController:
 
     def load_state_dict(self, state: dict[str, float | int]) -> None:
         self.lam, self.calibrated = float(state.get("lam", self.lam)), bool(state.get("calibrated", 0))
-        self.scale = float(state.get("scale", 1.0))
+        self.scale = float(state.get("scale", 1.0 if self.calibrated else self.lam))  # old: a back-off before calibration
         if "log_ratio" in state:
             self.log_ratio = float(state["log_ratio"])
         elif self.calibrated:  # a checkpoint of the calibrate-once controller: keep its λ
