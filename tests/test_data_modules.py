@@ -163,6 +163,13 @@ def test_augmentation_keeps_mask_aligned() -> None:
     # the default (paper) augmentation runs in the loader
     batch = next(iter(_dm(base, augment=True, batch_size=8).train_dataloader()))
     assert batch["image"].shape == (8, 3, 32, 32) and batch["mask"].shape == (8, 1, 32, 32)
+    # ... seeded by the data module's seed (albumentations does not follow torch's seed)
+    def augmented(seed: int) -> torch.Tensor:
+        dm = _dm(base, augment=True, seed=seed)
+        return torch.stack([dm.train_set[i]["image"] for i in range(len(dm.train_set))])
+
+    torch.testing.assert_close(augmented(0), augmented(0))
+    assert not torch.equal(augmented(0), augmented(1))
 
 
 def test_bad_arguments_and_bad_data() -> None:

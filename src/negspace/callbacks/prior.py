@@ -73,10 +73,13 @@ class AttributionPrior(Callback):
             rescaled by #masked / K so that the penalty is an unbiased estimate of the full one.
         normalize: ``"mask"`` (paper: Σ|A·P| / ΣP) or ``"fraction"`` (scale-free: Σ|A·P| / Σ|A| per sample).
         auto_fraction: with ``lam="auto"``, λ is set at the first penalised step so that ``‖∇(λ·penalty)‖ =
-            auto_fraction · ‖∇ task loss‖`` (:func:`negspace.priors.calibrate_lam`); divided by 10 on collapse.
+            auto_fraction · ‖∇ task loss‖`` (default 0.3), re-measured every 10 steps (geometric moving average,
+            at most 3× above its smallest value) and divided by 10 on a collapse
+            (:class:`negspace.priors.LamController`; the ranks of a DDP run agree on it after every batch).
         monitor: collapse / no-effect detection (:class:`negspace.priors.PriorMonitor`; a dict sets its
             thresholds, ``False`` turns it off): warns once naming cause and fix and logs ``<name>/collapsed``,
-            ``<name>/no_effect`` (0/1) and ``<name>/ratio`` (λ·penalty / task loss) for ``EarlyStopping``.
+            ``<name>/stalled`` (task loss stuck near its start; no ``lam="auto"`` back-off), ``<name>/no_effect``
+            (0/1) and ``<name>/ratio`` (λ·penalty / task loss) for ``EarlyStopping``.
         allow_autocast: compute the penalty inside autocast (default off: double backward in bf16 is noisy).
         keep_norm_stats: the prior's extra passes never change BatchNorm running statistics.
         on_nan: ``"raise"`` (a non-finite penalty raises ``FloatingPointError``) or ``"skip"`` (warn, skip).

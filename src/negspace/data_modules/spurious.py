@@ -391,7 +391,7 @@ class SpuriousPatchDataModule(NormalizeMixin, L.LightningDataModule):
                 from negspace.data_modules.transforms import paper_train_transforms
 
                 channels = read_item(self.dataset, int(train_idx[0]))[0].shape[0]
-                transform = paper_train_transforms(channels)
+                transform = paper_train_transforms(channels, seed=self.seed)
         self.train_set = PatchedDataset(
             self.dataset, train_idx, patched, transform=transform, labels=tr_labels.tolist(), **self._patch_kw()
         )

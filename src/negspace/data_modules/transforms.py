@@ -12,15 +12,17 @@ from torch import Tensor
 __all__ = ["apply_albumentations", "paper_train_transforms"]
 
 
-def paper_train_transforms(channels: int = 3) -> A.Compose:
+def paper_train_transforms(channels: int = 3, seed: int | None = None) -> A.Compose:
     """``HorizontalFlip(p=0.5)`` + ``ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0, p=1)``.
 
-    Colour jitter needs RGB; for ``channels != 3`` only the flip is used.
+    Colour jitter needs RGB; for ``channels != 3`` only the flip is used. ``seed`` seeds albumentations' own
+    random state (``A.Compose(seed=...)``): it does not follow ``torch``/``seed_everything``, so without it two
+    runs with the same seed augment differently.
     """
     ops: list[Any] = [A.HorizontalFlip(p=0.5)]
     if channels == 3:
         ops.append(A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0, p=1.0))
-    return A.Compose(ops)
+    return A.Compose(ops, seed=seed)
 
 
 def apply_albumentations(transform: Any, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -65,6 +65,7 @@ _LAZY: dict[str, str] = {
     "PriorMonitor": "monitor",
     "step_signals": "monitor",
     "AUTO_FRACTION": "calibration",
+    "AUTO_EVERY": "calibration",
     "LamController": "calibration",
     "calibrate_lam": "calibration",
     "check_lam": "calibration",
