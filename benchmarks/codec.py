@@ -12,7 +12,6 @@ Run: ``python benchmarks/codec.py [--quick] [--size 64] [--batch 8] [--threads 1
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
 
@@ -21,18 +20,10 @@ import torch
 from captum.attr import LayerGradientXActivation
 from torch import nn
 
+from _measure import median_time  # the sibling helper module
 from negspace.attribution import layer_contributions
 from negspace.explain.codec import compute_contributions, fit_modes, train_sae
 from negspace.hooks import get_layer
-
-
-def median_time(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def planted(n_per_class: int = 150, classes: int = 4, group: int = 3) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

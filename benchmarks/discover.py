@@ -13,13 +13,11 @@ pasted-image forwards of ``insertion_effect``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from _measure import median_time  # the sibling helper module
 from negspace.attribution import input_x_gradient
 from negspace.data_modules import SyntheticLesionDataModule
 from negspace.explain.tension import channel_values
@@ -30,14 +28,6 @@ from negspace.models.xmodels import XSmallCNN
 
 LAYER = "features.8"
 
-
-def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def lesion_data(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

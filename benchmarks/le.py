@@ -24,16 +24,8 @@ import warnings
 import numpy as np
 import torch
 
+from _measure import median_time  # the sibling helper module
 from negspace.explain.le import ablation_score, activation_summary, linear_explanation, split_indices
-
-
-def _median_time(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def make_problem(n: int, m: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +93,7 @@ def bench_explain(args: argparse.Namespace) -> None:
     n, m, d = 10_000, 1_000, 512
     p, y = make_problem(n, m, d)
     print(f"\n[1] explain {d} neurons, N={n}, M={m} (torch threads: {torch.get_num_threads()})")
-    t_fast, exps = _median_time(lambda: linear_explanation(y, p), args.repeats)
+    t_fast, exps = median_time(lambda: linear_explanation(y, p), args.repeats)
     lengths = [len(e.concepts) for e in exps]
     print(f"  negspace linear_explanation (all {d} at once): median {t_fast:.2f} s over {args.repeats} runs; "
           f"mean length {np.mean(lengths):.2f}, mean val ρ {np.mean([e.val_correlation for e in exps]):.3f}")
@@ -139,7 +131,7 @@ def bench_ablation(args: argparse.Namespace) -> None:
           f"(torch threads: {torch.get_num_threads()})")
     ks = list(range(d))
     for scaling in ("norm", "optim"):
-        t_fast, fast = _median_time(
+        t_fast, fast = median_time(
             lambda s=scaling: ablation_score(model, "layer4", ks, exps, (x, y), concepts=concepts, scaling=s,
                                              fast=True), args.repeats if scaling == "norm" else 1)
         print(f"  negspace fast path, scaling={scaling!r}, all {d} neurons: median {t_fast:.2f} s "

@@ -36,7 +36,6 @@ Threads default to 1: the benchmark machine is shared and oversubscribed OpenMP 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from _measure import peak_step_memory_mb  # the sibling helper module
 from negspace.masks import ConceptMask
 from negspace.priors import attribution_prior, compute_prior_from_logits, prior_loss
 
@@ -170,28 +170,6 @@ def time_model(model_name: str, repeats: int, with_memory: bool) -> tuple[dict[s
     return {k: statistics.median(v) for k, v in times.items()}, mem
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_step_memory_mb(fn: Callable[[], None]) -> float:
-    """Peak resident-set growth of one step (Linux): free cached heap (malloc_trim), reset the high-water
-    mark (``echo 5 > /proc/self/clear_refs``), run the step, read ``VmHWM − VmRSS(before)``."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _rss_kb("VmRSS")
-    fn()
-    return (_rss_kb("VmHWM") - before) / 1024
 
 
 def main() -> None:

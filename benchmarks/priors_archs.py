@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _measure import peak_step_memory_mb  # the sibling helper module
 from negspace.priors import attributed_model, capture_training_forward, penalty_step
-from priors import peak_step_memory_mb  # the sibling benchmark script (same directory)
 
 B, HW, PATCH = 32, 64, 16
 MODELS = ("resnet18", "resnet50", "efficientnet_b0", "convnext_atto", "vit_tiny_patch16_224", "xresnet18")

@@ -18,12 +18,12 @@ Random-init timm ResNet-18 at 64×64 (no downloads), ``N`` random images. Run:
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import timm
 import torch
 
+from _measure import median_time  # the sibling helper module
 from negspace.explain.pure import References, circuits, reference_circuits, reference_samples
 
 
@@ -35,14 +35,6 @@ def naive(model, layer, circuit_layer, x, refs, neurons: list[int], reduce: str)
         out.append(circuits(model, layer, circuit_layer, xs, int(refs.neurons[row]), reduce=reduce, fast=False))
     return torch.stack(out)
 
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, res = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        res = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), res
 
 
 def main() -> None:
@@ -74,8 +66,8 @@ def main() -> None:
         t_refs = time.perf_counter() - t0
         rows = torch.linspace(0, 511, n_ours).long()
         refs_ours = References(refs.layer, refs.neurons[rows], refs.indices[rows], refs.values[rows])
-        t_ours, ours = timed(lambda: reference_circuits(model, circuit_layer, x, refs_ours, fast=fast), repeats)  # noqa: B023
-        t_naive, ref = timed(lambda: naive(model, layer, circuit_layer, x, refs, subset, "relu"), 1)  # noqa: B023
+        t_ours, ours = median_time(lambda: reference_circuits(model, circuit_layer, x, refs_ours, fast=fast), repeats)  # noqa: B023
+        t_naive, ref = median_time(lambda: naive(model, layer, circuit_layer, x, refs, subset, "relu"), 1)  # noqa: B023
         common = [i for i, r in enumerate(rows.tolist()) if r in subset]
         err = float((ours[common] - ref[[subset.index(int(rows[i])) for i in common]]).abs().max()) if common else float("nan")
         t_ours_all = t_ours * 512 / n_ours
