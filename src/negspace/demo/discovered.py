@@ -13,6 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from negspace.batch import collect_images, iter_batches
+from negspace.masks import artifact_patch, discover_artifacts, insertion_effect, mask_iou
+
 __all__ = ["DiscoveredMasks", "discover_masks", "insertion", "mask_quality"]
 
 
@@ -30,15 +33,13 @@ class DiscoveredMasks:
 
 def _images_and_labels(loader: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The loader's batches as ``(image, label)`` pairs: masks are dropped here, so discovery cannot see them."""
-    return [(b["image"], b["label"]) for b in loader]
+    return [(b.image, b.label) for b in iter_batches(loader, require=("image", "label"), who="negspace demo")]
 
 
 def discover_masks(net: nn.Module, dm: Any, layer: str, *, methods: tuple[str, ...] | None = None,
                    seed: int = 0, progress: bool = False) -> DiscoveredMasks:
     """Rank artifact candidates of the biased ``net`` on ``dm``'s training images (no masks) and turn the top
     one into a :class:`negspace.masks.ConceptMask` (frozen reference: the biased ``net`` as it is now)."""
-    from negspace.masks.discover import discover_artifacts
-
     data = _images_and_labels(dm.train_dataloader())
     kwargs: dict[str, Any] = {"methods": methods} if methods else {}
     candidates = discover_artifacts(net, data, layer, num_classes=2, seed=seed, progress=progress, **kwargs)
@@ -47,8 +48,6 @@ def discover_masks(net: nn.Module, dm: Any, layer: str, *, methods: tuple[str, .
     top = candidates[0]
     source = top.to_concept_mask(net, data)
     art, _ = top.examples(data)
-    from negspace.masks.verify import artifact_patch
-
     return DiscoveredMasks(source=source, candidate=f"{top.kind}: {top.description}", score=float(top.score),
                            patch=artifact_patch(art, source(art)), candidates=candidates)
 
@@ -56,9 +55,7 @@ def discover_masks(net: nn.Module, dm: Any, layer: str, *, methods: tuple[str, .
 def insertion(net: nn.Module, dm: Any, patch: torch.Tensor, target: int = 0) -> dict[str, float]:
     """Paste the discovered artifact into the clean (``no_bias``) validation images of ``dm``: the mean change of
     the logit of the class it stands for (excitation) and of the other class (inhibition, encoded absence)."""
-    from negspace.masks.verify import insertion_effect
-
-    images = torch.cat([b["image"] for b in dm.val_dataloader()[2]])  # no_bias: no stickers
+    images = collect_images(dm.val_dataloader()[2], who="negspace demo")  # no_bias: no stickers
     out = insertion_effect(net, images, patch, target=target)
     return {"excitation": out["excitation"], "inhibition": out["inhibition"]}
 
@@ -66,12 +63,10 @@ def insertion(net: nn.Module, dm: Any, patch: torch.Tensor, target: int = 0) -> 
 def mask_quality(source: Any, loaders: list[Any]) -> dict[str, float]:
     """IoU of the source's masks with the true (dilated) sticker masks over validation images that carry a
     sticker, and the mean masked area on images without one (false positives)."""
-    from negspace.masks import mask_iou
-
     ious, false_area = [], []
     for loader in loaders:
-        for b in loader:
-            pred, true = source(b["image"]), b["mask"].float()
+        for b in iter_batches(loader, require=("image", "mask"), who="negspace demo"):
+            pred, true = source(b.image), b.mask.float()
             has = true.flatten(1).amax(1) > 0
             if has.any():
                 ious.append(mask_iou(pred[has], true[has], reduction="none"))
