@@ -22,6 +22,7 @@ from torch import Tensor
 
 from negspace.batch import BatchKeys
 from negspace.callbacks.base import deprecated_kwarg
+from negspace.hooks import get_layer
 from negspace.priors.calibration import AUTO_FRACTION, LamController, check_lam
 from negspace.priors.checks import check_callback_options, check_normalize, check_options
 from negspace.priors.feed import MaskFeed
@@ -211,10 +212,10 @@ class AttributionPrior(Callback):
             return pl_module
         if callable(self.forward):
             return None
-        target: Any = pl_module
-        for part in self.forward.split("."):
-            target = getattr(target, part, None)
-        return target if isinstance(target, torch.nn.Module) else None
+        try:
+            return get_layer(pl_module, self.forward)  # the one layer lookup
+        except ValueError:  # a dotted path to a method, not a submodule
+            return None
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         uninstall_step_wrapper(pl_module, self)
